@@ -1,0 +1,307 @@
+"""The payload bundle: the payload, its pinned dependencies and its systemd units, in a reproducible zip."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from email.parser import HeaderParser
+from pathlib import Path
+from typing import TextIO
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PAYLOAD_DIR = REPO_ROOT / "bootstrap"
+DEFAULT_UNITS_DIR = REPO_ROOT / "deploy" / "systemd"
+# build/ is git-ignored: the cache survives between synths and test runs, never lands in a commit.
+DEFAULT_OUT_DIR = REPO_ROOT / "build"
+
+# Amazon Linux 2023's system python3.
+DEFAULT_PYTHON_VERSION = "3.9"
+# The only AWS APIs the payload calls; every other botocore model is dead weight (about 20 MB zipped).
+KEPT_SERVICES: tuple[str, ...] = ("ec2", "autoscaling")
+# Where the units sit inside the bundle: a name that is not a Python identifier, so the directory can
+# never shadow an importable package on PYTHONPATH.
+UNITS_ARCDIR = "systemd-units"
+MANIFEST_NAME = "bundle-manifest.json"
+# The earliest timestamp a zip entry can carry: fixed, so the bytes do not depend on when files were written.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# Bumped when this module changes what it writes; the module's own source is hashed into the cache key too.
+BUILD_FORMAT = 1
+# Directory names that only hold a package's own test suite.
+TEST_DIRS = frozenset({"tests", "test", "testing"})
+BINARY_SUFFIXES = (".so", ".pyd", ".dylib", ".dll")
+# Files of a *.dist-info that describe the installation on this machine rather than the package:
+# RECORD lists files the trim removed, INSTALLER/REQUESTED/direct_url.json name this build's pip.
+DIST_INFO_NOISE = frozenset({"RECORD", "INSTALLER", "REQUESTED", "direct_url.json", "entry_points.txt"})
+
+
+class BundleError(RuntimeError):
+    """The bundle cannot be built from these inputs."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A built bundle. ``sha256`` is the hash of the zip's bytes, which user data verifies."""
+
+    path: Path
+    sha256: str
+    size: int
+    file_count: int
+    input_hash: str
+
+
+def build_bundle(
+    *,
+    out_dir: Path = DEFAULT_OUT_DIR,
+    python_version: str = DEFAULT_PYTHON_VERSION,
+    payload_dir: Path = DEFAULT_PAYLOAD_DIR,
+    requirements: Path | None = None,
+    units_dir: Path = DEFAULT_UNITS_DIR,
+    services: Sequence[str] = KEPT_SERVICES,
+    log: TextIO | None = None,
+) -> BundleInfo:
+    """Return the bundle for these inputs, building it only when no bundle of the same inputs is cached.
+
+    ``requirements`` defaults to ``<payload_dir>/requirements.txt``. Progress goes to ``log`` (stderr).
+    """
+    log = log if log is not None else sys.stderr
+    requirements = requirements if requirements is not None else payload_dir / "requirements.txt"
+    payload_files = _payload_files(payload_dir)
+    unit_files = _unit_files(units_dir)
+    if not requirements.is_file():
+        raise BundleError(f"payload requirements not found: {requirements}")
+    input_hash = _input_hash(
+        python_version=python_version,
+        services=services,
+        requirements=requirements,
+        payload_dir=payload_dir,
+        payload_files=payload_files,
+        unit_files=unit_files,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"bundle-{input_hash[:16]}.zip"
+    if target.is_file():
+        return _describe(target, input_hash)
+
+    started = time.monotonic()
+    log.write(f"bundle: building {target.name} for Python {python_version} (cold cache)\n")
+    with tempfile.TemporaryDirectory(prefix="eip-reclaim-bundle-") as tmp:
+        stage = Path(tmp) / "stage"
+        _pip_install(requirements, stage, python_version)
+        log.write(f"bundle: installed pinned dependencies in {time.monotonic() - started:.1f} s\n")
+        _trim(stage, services)
+        package = stage / payload_dir.name
+        for src in payload_files:
+            dest = package / src.relative_to(payload_dir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+        (stage / UNITS_ARCDIR).mkdir()
+        for unit in unit_files:
+            shutil.copyfile(unit, stage / UNITS_ARCDIR / unit.name)
+        _write_manifest(stage, python_version, services, input_hash)
+        # Written beside the target and renamed: a concurrent build of the same inputs writes the same
+        # bytes, and a reader never sees a half-written zip.
+        partial = Path(tmp) / target.name
+        _write_zip(stage, partial)
+        shutil.copyfile(partial, out_dir / f".{target.name}.{os.getpid()}")
+        os.replace(out_dir / f".{target.name}.{os.getpid()}", target)
+
+    info = _describe(target, input_hash)
+    log.write(
+        f"bundle: wrote {info.path} ({info.size / 1_000_000:.2f} MB, {info.file_count} files) "
+        f"in {time.monotonic() - started:.1f} s\n"
+    )
+    return info
+
+
+def _payload_files(payload_dir: Path) -> list[Path]:
+    if not (payload_dir / "__init__.py").is_file():
+        raise BundleError(f"payload package not found: {payload_dir}/__init__.py")
+    return sorted(p for p in payload_dir.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _unit_files(units_dir: Path) -> list[Path]:
+    units = sorted(p for p in units_dir.glob("*") if p.is_file())
+    if not units:
+        raise BundleError(f"no systemd units in {units_dir}")
+    return units
+
+
+def _input_hash(
+    *,
+    python_version: str,
+    services: Sequence[str],
+    requirements: Path,
+    payload_dir: Path,
+    payload_files: Iterable[Path],
+    unit_files: Iterable[Path],
+) -> str:
+    """Hash everything that decides the bundle's bytes: options, pins, payload, units and this builder."""
+    digest = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        # Length-prefixed, so no two different input sets can produce the same byte stream.
+        for part in (label.encode(), data):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+
+    add("format", str(BUILD_FORMAT).encode())
+    add("builder", Path(__file__).read_bytes())
+    add("python", python_version.encode())
+    add("services", ",".join(services).encode())
+    add("requirements", requirements.read_bytes())
+    for path in payload_files:
+        add("payload:" + path.relative_to(payload_dir).as_posix(), path.read_bytes())
+    for path in unit_files:
+        add("unit:" + path.name, path.read_bytes())
+    return digest.hexdigest()
+
+
+def _pip_install(requirements: Path, stage: Path, python_version: str) -> None:
+    # --no-deps: the requirements file pins the whole closure, because pip evaluates dependency markers
+    # against the interpreter running it rather than --python-version. Platform "any" with ABI "none"
+    # admits only pure-Python wheels, so nothing compiled for this host can slip in.
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--no-deps",
+        "--no-compile",
+        "--require-hashes",
+        "--only-binary=:all:",
+        "--implementation",
+        "py",
+        "--abi",
+        "none",
+        "--platform",
+        "any",
+        "--python-version",
+        python_version,
+        "--target",
+        str(stage),
+        "-r",
+        str(requirements),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BundleError(
+            f"pip could not install {requirements} for Python {python_version}:\n{result.stderr}"
+        )
+
+
+def _trim(stage: Path, services: Sequence[str]) -> None:
+    """Remove what the instance never loads, and refuse anything compiled."""
+    shutil.rmtree(stage / "bin", ignore_errors=True)
+    for path in sorted(stage.rglob("*"), reverse=True):
+        if not path.exists():
+            continue
+        if path.is_symlink():
+            raise BundleError(f"symlink in the bundle: {path.relative_to(stage)}")
+        if path.is_dir() and (path.name == "__pycache__" or (path.name in TEST_DIRS and _in_package(path))):
+            shutil.rmtree(path)
+        elif path.suffix in (".pyc", ".pyo"):
+            path.unlink()
+        elif path.name.endswith(BINARY_SUFFIXES):
+            raise BundleError(f"binary extension in the bundle: {path.relative_to(stage)}")
+        elif path.parent.name.endswith(".dist-info") and path.name in DIST_INFO_NOISE:
+            path.unlink()
+    # botocore loads a service's newest API version unless told otherwise; examples-1.json is for docs.
+    _keep_services(stage / "botocore" / "data", services)
+    # boto3's resource models: only boto3.resource() reads them.
+    _keep_services(stage / "boto3" / "data", services)
+
+
+def _in_package(path: Path) -> bool:
+    """A test directory inside an installed package (not a top-level package that happens to be called so)."""
+    return (path.parent / "__init__.py").is_file()
+
+
+def _keep_services(data_dir: Path, services: Sequence[str]) -> None:
+    if not data_dir.is_dir():
+        raise BundleError(f"expected a model directory at {data_dir}")
+    for entry in sorted(data_dir.iterdir()):
+        if not entry.is_dir():
+            continue  # shared files: endpoints, partitions, retry and SDK defaults
+        if entry.name not in services:
+            shutil.rmtree(entry)
+            continue
+        versions = sorted(v for v in entry.iterdir() if v.is_dir())
+        for old in versions[:-1]:
+            shutil.rmtree(old)
+        for example in entry.glob("*/examples-1.json"):
+            example.unlink()
+
+
+def _write_manifest(stage: Path, python_version: str, services: Sequence[str], input_hash: str) -> None:
+    """What was bundled, readable on the instance without Python: pins, target Python, kept models."""
+    packages: dict[str, str] = {}
+    for meta in sorted(stage.glob("*.dist-info/METADATA")):
+        headers = HeaderParser().parsestr(meta.read_text())
+        packages[headers["Name"]] = headers["Version"]
+    manifest = {
+        "input_hash": input_hash,
+        "python_version": python_version,
+        "services": list(services),
+        "packages": packages,
+    }
+    (stage / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _write_zip(stage: Path, dest: Path) -> None:
+    """Sorted entries, one timestamp, one mode, relative names: the same tree gives the same bytes."""
+    files = sorted(
+        (p for p in stage.rglob("*") if p.is_file()), key=lambda p: p.relative_to(stage).as_posix()
+    )
+    with zipfile.ZipFile(dest, "w") as archive:
+        for path in files:
+            info = zipfile.ZipInfo(path.relative_to(stage).as_posix(), date_time=ZIP_EPOCH)
+            info.create_system = 3  # Unix, so external_attr carries a file mode
+            info.external_attr = 0o100644 << 16  # regular file, rw-r--r--
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, path.read_bytes(), compresslevel=9)
+
+
+def _describe(path: Path, input_hash: str) -> BundleInfo:
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        file_count = len(archive.namelist())
+    return BundleInfo(
+        path=path,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        file_count=file_count,
+        input_hash=input_hash,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stacks.bundle``: build (or find) the bundle and print what it is."""
+    parser = argparse.ArgumentParser(prog="python -m stacks.bundle", description=__doc__)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--python-version", default=DEFAULT_PYTHON_VERSION)
+    args = parser.parse_args(argv)
+    try:
+        info = build_bundle(out_dir=args.out_dir, python_version=args.python_version)
+    except BundleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: str(v) for k, v in vars(info).items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
