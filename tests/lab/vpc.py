@@ -1,0 +1,655 @@
+"""The VPC lab: namespaces that behave like the VPC, built and always torn down by `build()`.
+
+    internet ns (198.51.100.254 on bridge "inet")
+      moto (EC2 API, :5000) <- fault proxy (:8080) ; Auto Scaling stand-in (:8081) ; client probe
+      route 203.0.113.0/24 via the router's uplink
+        |                       |                        |
+    router ns (uplink .1)    nat-a ns (uplink .11)     nat-b ns (uplink .12)
+      IMDS 169.254.169.254     own IMDS (NAT identity)   own IMDS
+      gateway: 1:1 NAT of      stack's iptables rules    stack's iptables rules
+      the EIP, only for the    ens5 at the NAT address   ens5 at the NAT address
+      holder (nft)                |                        |
+      br-0 (10.0.0.1) ------------+ br-1 (10.0.1.1) -------+
+        |                           |
+    instance ns: ens5 at 10.0.x.y, AL2023-shaped routes, service on :80, the real payload
+
+The test process reaches the internet namespace's network only through one worker thread that has
+joined it (setns is per thread), never by a link from the root namespace.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import http.client
+import ipaddress
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests import netns
+from tests.lab import api, jsonl, router, spec
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+REGION = "ap-southeast-2"
+ACCOUNT = "123456789012"  # moto's default account
+INTERNET_IP = "198.51.100.254"  # the "internet host": API, Auto Scaling stand-in, client
+ROUTER_UPLINK_IP = "198.51.100.1"
+EIP = "203.0.113.10"
+MOTO_PORT = 5000
+EC2_URL = f"http://{INTERNET_IP}:{api.EC2_PORT}"
+AUTOSCALING_URL = f"http://{INTERNET_IP}:{api.AUTOSCALING_PORT}"
+ASG_NAME = "lab-service-asg"
+ROLE = "lab-service-role"
+# Link-local addresses the VPC serves from its router: IMDS, DNS, time.
+LINK_LOCAL = ("169.254.169.254", "169.254.169.253", "169.254.169.123")
+# AL2023's systemd-networkd installs its DHCP routes at this metric.
+DHCP_METRIC = "512"
+# A lab run is short; the synthesized 240 s would only make failing scenarios slow.
+LAB_DEADLINE_SECONDS = 6
+CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
+
+
+def nat_uplink_ip(index: int) -> str:
+    return f"198.51.100.{11 + index}"
+
+
+def _join_netns(name: str) -> None:
+    """Move the calling thread (only it) into a namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns into {name}: {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"lab: {what} not ready after {timeout} s")
+        time.sleep(0.02)
+
+
+@dataclass
+class PayloadRun:
+    """One run of the payload in an instance namespace."""
+
+    instance_id: str
+    started: float
+    ended: float
+    returncode: int
+    stderr: str
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
+
+@dataclass
+class Instance:
+    lab: Lab
+    ns: netns.Netns
+    instance_id: str
+    subnet: spec.Subnet
+    private_ip: str
+    mac: str
+    config_path: Path
+    state_dir: Path
+    runs: list[PayloadRun] = field(default_factory=list)
+
+    @property
+    def access_key_id(self) -> str:
+        return str(self.lab.identities[self.private_ip]["access_key_id"])
+
+    def routes(self) -> str:
+        """Every routing table of the instance, as `ip` prints it: what "restored exactly" compares."""
+        return self.ns.ip("route", "show", "table", "all")
+
+    def default_route(self) -> str:
+        return self.ns.ip("route", "show", "default").strip()
+
+    def payload_argv(self, *extra: str) -> list[str]:
+        return [PYTHON, "-m", "bootstrap", "--config", str(self.config_path), "--verbose", *extra]
+
+    def payload_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PYTHONPATH": str(REPO),
+            # No host AWS configuration may leak in: credentials come from the lab's IMDS only.
+            "HOME": str(self.state_dir),
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "EIP_RECLAIM_STATE_DIR": str(self.state_dir),
+        }
+        env.update(extra or {})
+        return env
+
+    def start_payload(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """The real payload, in this namespace only; stderr goes to a file the run records."""
+        log = self.state_dir.parent / f"{self.instance_id}-payload-{len(self.runs)}.log"
+        out = log.open("wb")
+        proc = self.ns.popen(self.payload_argv(), cwd=REPO, env=self.payload_env(env), stdout=out, stderr=out)
+        proc.lab_log = log  # type: ignore[attr-defined]
+        proc.lab_started = time.monotonic()  # type: ignore[attr-defined]
+        out.close()
+        return proc
+
+    def finish(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> PayloadRun:
+        returncode = proc.wait(timeout=timeout)
+        run = PayloadRun(
+            instance_id=self.instance_id,
+            started=proc.lab_started,  # type: ignore[attr-defined]
+            ended=time.monotonic(),
+            returncode=returncode,
+            stderr=proc.lab_log.read_text(),  # type: ignore[attr-defined]
+        )
+        self.runs.append(run)
+        self.lab.event(
+            "payload-exit", instance=self.instance_id, code=returncode, seconds=round(run.seconds, 3)
+        )
+        return run
+
+    def run_payload(self, env: dict[str, str] | None = None, timeout: float = 60) -> PayloadRun:
+        self.lab.event("payload-start", instance=self.instance_id, az=self.subnet.az_index)
+        return self.finish(self.start_payload(env), timeout=timeout)
+
+
+class Lab:
+    """A built lab. Made by `build()`; `reset()` returns it to "EIP allocated, nothing booted"."""
+
+    def __init__(self, stack: ExitStack, lab_spec: spec.Spec, directory: Path) -> None:
+        self.stack = stack
+        self.spec = lab_spec
+        self.dir = directory
+        self.instances: list[Instance] = []
+        self.identities: dict[str, dict[str, Any]] = {}
+        self.subnet_ids: dict[str, str] = {}
+        self.nats: list[netns.Netns] = []
+        self.nat_ids: list[str] = []
+        self.allocation_id = ""
+        self.timeline: list[dict[str, Any]] = []
+        self._host_numbers = itertools.count(10)
+        self._control = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._ec2: Any = None
+
+    # -- the timeline -------------------------------------------------------------------------
+    def event(self, what: str, **details: Any) -> None:
+        record = {"t": time.monotonic(), "event": what, **details}
+        self.timeline.append(record)
+        jsonl.append(self.dir / "timeline.jsonl", {"event": what, **details})
+
+    # -- the internet namespace, from the test process ------------------------------------------
+    def in_internet(self, fn: Callable[[], T]) -> T:
+        """Run fn in the worker thread that lives in the internet namespace."""
+        return self._control.submit(fn).result(timeout=60)
+
+    def ec2(self) -> Any:
+        """A boto3 EC2 client talking to moto directly (no faults), for the lab's own setup."""
+        return self._ec2
+
+    def client_get(self, timeout: float = 2.0) -> str | None:
+        """The client in the internet asks the Elastic IP's service; the answering instance id or None."""
+
+        def get() -> str | None:
+            connection = http.client.HTTPConnection(EIP, 80, timeout=timeout)
+            try:
+                connection.request("GET", "/")
+                answer = connection.getresponse()
+                return answer.read().decode().strip() if answer.status == 200 else None
+            except OSError:
+                return None
+            finally:
+                connection.close()
+
+        body = self.in_internet(get)
+        self.event("client-probe", ok=body is not None, answered_by=body)
+        return body
+
+    def sync_gateway(self) -> None:
+        def poke() -> None:
+            request = http.client.HTTPConnection(ROUTER_UPLINK_IP, router.SYNC_PORT, timeout=10)
+            request.request("POST", "/sync")
+            request.getresponse().read()
+            request.close()
+
+        self.in_internet(poke)
+
+    def holder(self) -> str | None:
+        """The instance moto says holds the Elastic IP."""
+        addresses = self.in_internet(lambda: self._ec2.describe_addresses(PublicIps=[EIP])["Addresses"])
+        return addresses[0].get("InstanceId") if addresses else None
+
+    # -- logs and switches ----------------------------------------------------------------------
+    def ec2_calls(self) -> list[dict[str, Any]]:
+        return jsonl.read(self.dir / "ec2.jsonl")
+
+    def lifecycle_calls(self) -> list[dict[str, Any]]:
+        return jsonl.read(self.dir / "autoscaling.jsonl")
+
+    def imds_log(self, name: str = "router") -> list[dict[str, Any]]:
+        return jsonl.read(self.dir / f"{name}-imds.jsonl")
+
+    def set_api_faults(self, **faults: Any) -> None:
+        _write_atomically(self.dir / "api-faults.json", json.dumps(faults))
+
+    def set_imds_faults(self, **faults: Any) -> None:
+        _write_atomically(self.dir / "router-imds-faults.json", json.dumps(faults))
+
+    def egress_attempts(self) -> set[tuple[str, int]]:
+        """(source, destination port) of every new connection the router saw leave for the internet."""
+        listing = json.loads(self.router.run("nft", "-j", "list", "set", "ip", "audit", "out").stdout)
+        attempts = set()
+        for entry in listing["nftables"]:
+            for element in entry.get("set", {}).get("elem", []):
+                value = element["elem"]["val"] if isinstance(element, dict) and "elem" in element else element
+                source, port = value["concat"]
+                attempts.add((source, int(port)))
+        return attempts
+
+    def set_nat_down(self, index: int, down: bool = True) -> None:
+        """The NAT instance stops answering: its subnet interface goes down."""
+        self.nats[index].ip("link", "set", "ens5", "down" if down else "up")
+        self.event("nat-down" if down else "nat-up", az=index)
+
+    # -- instances ------------------------------------------------------------------------------
+    def boot(self, az_index: int, *, launched_after: float | None = None) -> Instance:
+        """An instance of the group boots in this AZ's public subnet, with no public IPv4."""
+        subnet = self.spec.subnets[az_index]
+        if launched_after is not None:
+            # moto's LaunchTime has one-second resolution: "newer" must be visible in it.
+            while int(time.time()) <= int(launched_after):
+                time.sleep(0.05)
+        private_ip = str(subnet.cidr.network_address + next(self._host_numbers))
+
+        def launch() -> dict[str, Any]:
+            reservation = self._ec2.run_instances(
+                ImageId="ami-12c6146b",
+                MinCount=1,
+                MaxCount=1,
+                InstanceType="t4g.micro",
+                SubnetId=self.subnet_ids[subnet.key],
+                PrivateIpAddress=private_ip,
+                TagSpecifications=[
+                    {
+                        "ResourceType": "instance",
+                        "Tags": [
+                            {"Key": "aws:autoscaling:groupName", "Value": ASG_NAME},
+                            {"Key": "eip-reclaim:service", "Value": "lab-service"},
+                        ],
+                    }
+                ],
+            )
+            return dict(reservation["Instances"][0])
+
+        described = self.in_internet(launch)
+        instance_id = described["InstanceId"]
+        mac = described["NetworkInterfaces"][0]["MacAddress"]
+        ns = self.stack.enter_context(netns.netns(f"i{az_index}"))
+        port = f"i{len(self.instances)}-{az_index}"
+        self.router.ip("link", "add", port, "type", "veth", "peer", "name", "ens5", "netns", ns.name)
+        self.router.ip("link", "set", port, "master", f"br-{az_index}", "up")
+        self._shape_like_al2023(ns, subnet, private_ip, mac)
+
+        state_dir = self.dir / instance_id
+        state_dir.mkdir()
+        config = spec.render_config(
+            self.spec,
+            region=REGION,
+            subnet_ids=self.subnet_ids,
+            allocation_id=self.allocation_id,
+            auto_scaling_group=ASG_NAME,
+            endpoints={"ec2_endpoint_url": EC2_URL, "autoscaling_endpoint_url": AUTOSCALING_URL},
+            deadline_seconds=LAB_DEADLINE_SECONDS,
+        )
+        config_path = self.dir / f"{instance_id}-config.json"
+        config_path.write_text(json.dumps(config, indent=2))
+
+        self.identities[private_ip] = {
+            "instance_id": instance_id,
+            "mac": mac,
+            "private_ip": private_ip,
+            "subnet_id": self.subnet_ids[subnet.key],
+            "subnet_cidr": str(subnet.cidr),
+            "vpc_cidr": str(self.spec.vpc_cidr),
+            "az": f"{REGION}{'abc'[az_index]}",
+            "region": REGION,
+            "role": ROLE,
+            # Each instance its own key, so the API's log says which instance made a call.
+            "access_key_id": "ASIA" + instance_id[2:].upper(),
+            "tags": {"aws:autoscaling:groupName": ASG_NAME, "eip-reclaim:service": "lab-service"},
+        }
+        _write_atomically(self.dir / "registry.json", json.dumps(self.identities))
+
+        ready = self.dir / f"{instance_id}-service.ready"
+        ns.popen(
+            [PYTHON, "-m", "tests.lab.service", "--instance-id", instance_id, "--ready", str(ready)],
+            cwd=REPO,
+            env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")},
+        )
+        wait_for(ready.exists, f"service on {instance_id}")
+        instance = Instance(self, ns, instance_id, subnet, private_ip, mac, config_path, state_dir)
+        self.instances.append(instance)
+        self.event("boot", instance=instance_id, az=az_index, ip=private_ip)
+        return instance
+
+    def _shape_like_al2023(self, ns: netns.Netns, subnet: spec.Subnet, ip: str, mac: str) -> None:
+        """ens5 and the routes systemd-networkd installs from DHCP on Amazon Linux 2023."""
+        prefix = subnet.cidr.prefixlen
+        ns.ip("link", "set", "ens5", "address", mac)
+        ns.ip("addr", "add", f"{ip}/{prefix}", "dev", "ens5", "noprefixroute")
+        ns.ip("link", "set", "ens5", "up")
+        common = ["dev", "ens5", "src", ip, "metric", DHCP_METRIC]
+        ns.ip("route", "add", str(subnet.cidr), "proto", "kernel", "scope", "link", *common)
+        ns.ip("route", "add", str(subnet.router_ip), "proto", "dhcp", "scope", "link", *common)
+        ns.ip("route", "add", str(subnet.resolver_ip), "proto", "dhcp", "scope", "link", *common)
+        ns.ip("route", "add", "default", "via", str(subnet.router_ip), "proto", "dhcp", *common)
+
+    def kill(self, instance: Instance) -> None:
+        """The instance dies (its host fails): gone from the network at once; the ASG terminates it."""
+        instance.ns.kill_all()
+        netns.delete(instance.ns.name)
+        self.in_internet(lambda: self._ec2.terminate_instances(InstanceIds=[instance.instance_id]))
+        self.event("killed", instance=instance.instance_id)
+
+    def reset(self) -> None:
+        """Back to "the Elastic IP exists, is associated with nothing, nothing booted, no faults"."""
+        for instance in self.instances:
+            if instance.ns.name in netns.list_namespaces():
+                instance.ns.kill_all()
+                netns.delete(instance.ns.name)
+        ids = [i.instance_id for i in self.instances]
+        self.instances.clear()
+        for name in ("api-faults.json", "router-imds-faults.json"):
+            (self.dir / name).unlink(missing_ok=True)
+        for index in range(len(self.nats)):
+            self.nats[index].ip("link", "set", "ens5", "up")
+
+        def release_and_allocate() -> str:
+            if ids:
+                self._ec2.terminate_instances(InstanceIds=ids)
+            for address in self._ec2.describe_addresses()["Addresses"]:
+                if address["PublicIp"] == EIP:
+                    if "AssociationId" in address:
+                        self._ec2.disassociate_address(AssociationId=address["AssociationId"])
+                    return str(address["AllocationId"])
+            return str(self._ec2.allocate_address(Domain="vpc", Address=EIP)["AllocationId"])
+
+        self.allocation_id = self.in_internet(release_and_allocate)
+        self.sync_gateway()
+        self.router.run("nft", "flush", "set", "ip", "audit", "out")
+        for log in self.dir.glob("*.jsonl"):
+            log.write_text("")
+        self.timeline.clear()
+
+    def release_eip(self) -> None:
+        self.in_internet(lambda: self._ec2.release_address(AllocationId=self.allocation_id))
+        self.sync_gateway()
+        self.event("eip-released", allocation_id=self.allocation_id)
+
+    # -- building ---------------------------------------------------------------------------------
+    router: netns.Netns
+    internet: netns.Netns
+
+    def _build(self) -> None:
+        internet = self.internet = self.stack.enter_context(netns.netns("inet"))
+        routerns = self.router = self.stack.enter_context(netns.netns("router"))
+        self._control = self.stack.enter_context(
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, initializer=_join_netns, initargs=(internet.name,)
+            )
+        )
+        for ns in (internet, routerns):
+            ns.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
+
+        internet.ip("link", "add", "inet", "type", "bridge")
+        internet.ip("addr", "add", f"{INTERNET_IP}/24", "dev", "inet")
+        internet.ip("link", "set", "inet", "up")
+        internet.ip("route", "add", "203.0.113.0/24", "via", ROUTER_UPLINK_IP)
+
+        routerns.ip(
+            "link", "add", "uplink", "type", "veth", "peer", "name", "p-router", "netns", internet.name
+        )
+        internet.ip("link", "set", "p-router", "master", "inet", "up")
+        routerns.ip("addr", "add", f"{ROUTER_UPLINK_IP}/24", "dev", "uplink")
+        routerns.ip("link", "set", "uplink", "up")
+        routerns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for address in LINK_LOCAL:
+            routerns.ip("addr", "add", f"{address}/32", "dev", "lo")
+        for subnet in self.spec.subnets:
+            bridge = f"br-{subnet.az_index}"
+            routerns.ip("link", "add", bridge, "type", "bridge")
+            routerns.ip("addr", "add", f"{subnet.router_ip}/{subnet.cidr.prefixlen}", "dev", bridge)
+            routerns.ip("addr", "add", f"{subnet.resolver_ip}/32", "dev", bridge)
+            routerns.ip("link", "set", bridge, "up")
+
+        moto = internet.popen(
+            [PYTHON, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(MOTO_PORT)],
+            cwd=self.dir,
+            stdout=(self.dir / "moto.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        del moto
+        internet.popen(
+            [
+                PYTHON,
+                "-m",
+                "tests.lab.api",
+                "--dir",
+                str(self.dir),
+                "--moto-port",
+                str(MOTO_PORT),
+                "--sync-url",
+                f"http://{ROUTER_UPLINK_IP}:{router.SYNC_PORT}/sync",
+            ],
+            cwd=REPO,
+            env=self._daemon_env(),
+            stderr=(self.dir / "api.log").open("wb"),
+        )
+        routerns.popen(
+            [
+                PYTHON,
+                "-m",
+                "tests.lab.router",
+                "--dir",
+                str(self.dir),
+                "--name",
+                "router",
+                "--moto-url",
+                f"http://{INTERNET_IP}:{MOTO_PORT}/",
+                "--region",
+                REGION,
+                "--sync-address",
+                ROUTER_UPLINK_IP,
+            ],
+            cwd=REPO,
+            env=self._daemon_env(),
+            stderr=(self.dir / "router.log").open("wb"),
+        )
+
+        def control_client() -> Any:
+            import boto3  # type: ignore[import-untyped]
+
+            return boto3.client(
+                "ec2",
+                endpoint_url=f"http://127.0.0.1:{MOTO_PORT}",
+                region_name=REGION,
+                aws_access_key_id="lab-control",
+                aws_secret_access_key="lab-control",
+            )
+
+        self._ec2 = self.in_internet(control_client)
+        wait_for(lambda: self.in_internet(_moto_up), "moto", timeout=30)
+        self._register_vpc()
+        for subnet in self.spec.subnets:
+            self._build_nat(subnet)
+        wait_for(
+            lambda: (self.dir / "router.ready").exists() and (self.dir / "api.ready").exists(),
+            "router and API daemons",
+            timeout=30,
+        )
+        wait_for(
+            lambda: all((self.dir / f"nat{s.az_index}.ready").exists() for s in self.spec.subnets),
+            "NAT IMDS",
+            timeout=30,
+        )
+        self.reset()
+
+    def _daemon_env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
+
+    def _register_vpc(self) -> None:
+        def register() -> dict[str, str]:
+            vpc = self._ec2.create_vpc(CidrBlock=str(self.spec.vpc_cidr))["Vpc"]["VpcId"]
+            ids = {}
+            for subnet in self.spec.subnets:
+                created = self._ec2.create_subnet(
+                    VpcId=vpc,
+                    CidrBlock=str(subnet.cidr),
+                    AvailabilityZone=f"{REGION}{'abc'[subnet.az_index]}",
+                )
+                ids[subnet.key] = created["Subnet"]["SubnetId"]
+            return ids
+
+        self.subnet_ids = self.in_internet(register)
+
+    def _build_nat(self, subnet: spec.Subnet) -> None:
+        """A NAT instance: its stable address on the subnet, an uplink, the stack's own rules, its IMDS."""
+        index = subnet.az_index
+        ns = self.stack.enter_context(netns.netns(f"nat{index}"))
+        self.nats.append(ns)
+        port = f"n-{index}"
+        self.router.ip("link", "add", port, "type", "veth", "peer", "name", "ens5", "netns", ns.name)
+        self.router.ip("link", "set", port, "master", f"br-{index}", "up")
+        ns.ip("addr", "add", f"{subnet.nat_ip}/{subnet.cidr.prefixlen}", "dev", "ens5")
+        ns.ip("link", "set", "ens5", "up")
+        ns.ip("route", "add", str(self.spec.vpc_cidr), "via", str(subnet.router_ip))
+        ns.ip(
+            "link",
+            "add",
+            "uplink",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"p-nat{index}",
+            "netns",
+            self.internet.name,
+        )
+        self.internet.ip("link", "set", f"p-nat{index}", "master", "inet", "up")
+        ns.ip("addr", "add", f"{nat_uplink_ip(index)}/24", "dev", "uplink")
+        ns.ip("link", "set", "uplink", "up")
+        ns.ip("route", "add", "default", "via", INTERNET_IP)
+        ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0")
+        ns.run("iptables-restore", input=nat_rules(str(self.spec.vpc_cidr)))
+        for address in LINK_LOCAL:
+            ns.ip("addr", "add", f"{address}/32", "dev", "lo")
+
+        def launch() -> str:
+            reservation = self._ec2.run_instances(
+                ImageId="ami-12c6146b",
+                MinCount=1,
+                MaxCount=1,
+                SubnetId=self.subnet_ids[subnet.key],
+                PrivateIpAddress=str(subnet.nat_ip),
+            )
+            return str(reservation["Instances"][0]["InstanceId"])
+
+        nat_id = self.in_internet(launch)
+        self.nat_ids.append(nat_id)
+        identity = {
+            "instance_id": nat_id,
+            "mac": f"02:00:00:00:00:{index:02x}",
+            "private_ip": str(subnet.nat_ip),
+            "subnet_id": self.subnet_ids[subnet.key],
+            "subnet_cidr": str(subnet.cidr),
+            "vpc_cidr": str(self.spec.vpc_cidr),
+            "az": f"{REGION}{'abc'[index]}",
+            "region": REGION,
+            "role": "lab-nat-role",
+            "access_key_id": "ASIANAT" + nat_id[2:].upper(),
+        }
+        ns.popen(
+            [
+                PYTHON,
+                "-m",
+                "tests.lab.router",
+                "--dir",
+                str(self.dir),
+                "--name",
+                f"nat{index}",
+                "--fixed-identity",
+                json.dumps(identity),
+            ],
+            cwd=REPO,
+            env=self._daemon_env(),
+            stderr=(self.dir / f"nat{index}.log").open("wb"),
+        )
+
+
+def nat_rules(vpc_cidr: str) -> str:
+    """The packet filter the stack gives its NAT instances, exactly as synthesized."""
+    from stacks.nat import iptables_rules
+
+    return iptables_rules(vpc_cidr)
+
+
+def _moto_up() -> bool:
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", MOTO_PORT, timeout=1)
+        connection.request("GET", "/moto-api/")
+        connection.getresponse().read()
+        connection.close()
+        return True
+    except OSError:
+        return False
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+@contextmanager
+def build(lab_spec: spec.Spec | None = None) -> Iterator[Lab]:
+    """Build the lab; however the block ends (failure, Ctrl-C), kill its processes and delete it all."""
+    if not netns.can_run():
+        raise PermissionError(netns.HOW_TO_RUN)
+    directory = Path(tempfile.mkdtemp(prefix="eip-reclaim-lab-"))
+    previous = signal.getsignal(signal.SIGTERM)
+    # SIGTERM (CI cancelling) unwinds like Ctrl-C, so the finally blocks below delete everything.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with ExitStack() as stack:
+            lab = Lab(stack, lab_spec or spec.load(), directory)
+            lab._build()
+            yield lab
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if os.environ.get("EIP_RECLAIM_LAB_KEEP"):
+            print(f"lab files kept in {directory}", file=sys.stderr)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def subnet_of(address: str, lab_spec: spec.Spec) -> spec.Subnet:
+    ip = ipaddress.IPv4Address(address)
+    return next(s for s in lab_spec.subnets if ip in s.cidr)
