@@ -1,0 +1,1 @@
+"""The CDK side of eip-reclaim: configuration, constructs and stacks."""

@@ -1,0 +1,45 @@
+"""Builds every stack of the app from one configuration; `app.py` and the tests both call `build`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aws_cdk import App, Tags, Validations
+from cdk_nag import AwsSolutionsChecks
+
+from stacks import nag
+from stacks.config import AppConfig
+from stacks.healing_service import HealingServiceStack
+from stacks.network import NetworkStack
+
+
+@dataclass(frozen=True)
+class Stacks:
+    network: NetworkStack
+    services: tuple[HealingServiceStack, ...]
+
+
+def build(app: App, config: AppConfig, *, checks: bool = True) -> Stacks:
+    """Add the network stack and one stack per service to `app`; with `checks`, cdk-nag too."""
+    network = NetworkStack(
+        app,
+        f"{config.stack_prefix}-Network",
+        config=config.network,
+        description="eip-reclaim: VPC, NAT instances at stable addresses, S3 endpoint, flow logs",
+    )
+    services = []
+    for service in config.services:
+        stack = HealingServiceStack(
+            app,
+            f"{config.stack_prefix}-{service.name}",
+            config=service,
+            network=network.network,
+            description=f"eip-reclaim: the self-healing instance '{service.name}' and its Elastic IP",
+        )
+        services.append(stack)
+    built = Stacks(network=network, services=tuple(services))
+    Tags.of(app).add("eip-reclaim:app", config.stack_prefix)
+    if checks:
+        nag.acknowledge(built.network, built.services)
+        Validations.of(app).add_plugins(AwsSolutionsChecks(app, verbose=True))
+    return built

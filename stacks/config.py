@@ -1,0 +1,269 @@
+"""The app's configuration: frozen, typed, validated once, with errors that name the key."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# The context key in cdk.json (or `-c eip-reclaim='{...}'`) that holds the whole configuration.
+CONTEXT_KEY = "eip-reclaim"
+
+# A service name becomes part of stack names, the group name and a tag value: keep it DNS-label-like
+# and short enough that "<prefix>-<name>" stays under CloudFormation's 128-character stack name limit.
+_SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
+_STACK_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,63}$")
+# EC2 instance types: family (letters, generation digit, optional attribute letters and "-flex"), a dot, a size.
+_INSTANCE_TYPE = re.compile(r"^[a-z]+[0-9]+[a-z0-9-]*\.[a-z0-9]+$")
+# Graviton families carry a "g" among the attribute letters after the generation digit (t4g, c7gn, m6gd).
+_GRAVITON_FAMILY = re.compile(r"^[a-z]+[0-9]+[a-z]*g[a-z]*(-[a-z]+)?$")
+# Allocation ids are "eipalloc-" and 8 (older) or 17 hex digits.
+_ALLOCATION_ID = re.compile(r"^eipalloc-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+# The retention periods CloudWatch Logs accepts, in days.
+_LOG_RETENTION_DAYS = frozenset(
+    {1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653}
+)
+# No region offers a VPC more than six availability zones.
+_MAX_AZS = 6
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; `str()` is one line naming the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The VPC that every healing service of this app shares."""
+
+    cidr: str = "10.0.0.0/16"
+    az_count: int = 2
+    subnet_prefix_length: int = 24
+    nat_instance_type: str = "t4g.nano"
+    flow_log_retention_days: int = 30
+
+    @property
+    def nat_is_arm64(self) -> bool:
+        return is_graviton(self.nat_instance_type)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One self-healing instance and the Elastic IP it keeps."""
+
+    name: str
+    instance_type: str = "t4g.micro"
+    ingress_ports: tuple[int, ...] = (443,)
+    ingress_cidr: str = "0.0.0.0/0"
+    allocation_id: str | None = None
+    root_volume_gib: int = 8
+
+    @property
+    def is_arm64(self) -> bool:
+        return is_graviton(self.instance_type)
+
+    @property
+    def adopts_address(self) -> bool:
+        """True when the service takes over an existing Elastic IP instead of creating one."""
+        return self.allocation_id is not None
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything `app.py` needs to build the stacks."""
+
+    stack_prefix: str
+    network: NetworkConfig
+    services: tuple[ServiceConfig, ...]
+
+
+def is_graviton(instance_type: str) -> bool:
+    """True for an arm64 (Graviton) instance type, which needs an arm64 image."""
+    return bool(_GRAVITON_FAMILY.match(instance_type.split(".", 1)[0]))
+
+
+def from_context(value: object) -> AppConfig:
+    """Build the configuration from the context value: an object (cdk.json) or a JSON string (`-c`)."""
+    if value is None:
+        raise ConfigError(CONTEXT_KEY, "missing from the CDK context (cdk.json holds the default)")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(CONTEXT_KEY, f"not valid JSON ({err.msg} at character {err.pos})") from None
+    return parse(value)
+
+
+def parse(raw: object) -> AppConfig:
+    """Validate a decoded configuration object and return the frozen configuration."""
+    top = _object(raw, CONTEXT_KEY, required=set(), optional={"stack_prefix", "network", "services"})
+    prefix = _string(top.get("stack_prefix", "EipReclaim"), "stack_prefix")
+    if not _STACK_PREFIX.match(prefix):
+        raise ConfigError("stack_prefix", f"{prefix!r} must be a letter then up to 63 letters, digits or '-'")
+    network = _network(top.get("network", {}))
+    services_raw = top.get("services", [{"name": "web"}])
+    if not isinstance(services_raw, list):
+        raise ConfigError("services", f"expected a list of services, got {_kind(services_raw)}")
+    if not services_raw:
+        raise ConfigError("services", "at least one service is needed")
+    services = tuple(_service(item, f"services[{i}]") for i, item in enumerate(services_raw))
+    _unique([s.name for s in services], "services", "name")
+    # Two services holding one address would take it from each other at every boot.
+    _unique([s.allocation_id for s in services], "services", "allocation_id")
+    return AppConfig(stack_prefix=prefix, network=network, services=services)
+
+
+def _network(raw: object) -> NetworkConfig:
+    key = "network"
+    obj = _object(raw, key, required=set(), optional=set(NetworkConfig.__dataclass_fields__))
+    default = NetworkConfig()
+    cidr = _cidr(obj.get("cidr", default.cidr), f"{key}.cidr")
+    vpc = ipaddress.IPv4Network(cidr)
+    if not 16 <= vpc.prefixlen <= 24:
+        raise ConfigError(f"{key}.cidr", f"{cidr!r}: a VPC needs a prefix length from /16 to /24")
+    az_count = _integer(obj.get("az_count", default.az_count), f"{key}.az_count")
+    if not 2 <= az_count <= _MAX_AZS:
+        raise ConfigError(
+            f"{key}.az_count",
+            f"{az_count}: needs 2 to {_MAX_AZS} availability zones (the group fails over between them)",
+        )
+    prefix = _integer(obj.get("subnet_prefix_length", default.subnet_prefix_length), f"{key}.subnet_prefix_length")
+    # /28 is the smallest subnet AWS allows; a subnet can be no larger than its share of the VPC.
+    if not vpc.prefixlen < prefix <= 28:
+        raise ConfigError(
+            f"{key}.subnet_prefix_length", f"/{prefix} must lie between /{vpc.prefixlen + 1} and /28"
+        )
+    # A public and a private subnet per AZ.
+    needed = 2 * az_count
+    if needed > 2 ** (prefix - vpc.prefixlen):
+        raise ConfigError(
+            f"{key}.subnet_prefix_length",
+            f"{needed} subnets of /{prefix} (a public and a private one per AZ) do not fit in {cidr}",
+        )
+    nat_type = _instance_type(obj.get("nat_instance_type", default.nat_instance_type), f"{key}.nat_instance_type")
+    retention = _integer(
+        obj.get("flow_log_retention_days", default.flow_log_retention_days), f"{key}.flow_log_retention_days"
+    )
+    if retention not in _LOG_RETENTION_DAYS:
+        raise ConfigError(
+            f"{key}.flow_log_retention_days",
+            f"{retention} is not a CloudWatch Logs retention period ({', '.join(map(str, sorted(_LOG_RETENTION_DAYS)))})",
+        )
+    return NetworkConfig(
+        cidr=cidr,
+        az_count=az_count,
+        subnet_prefix_length=prefix,
+        nat_instance_type=nat_type,
+        flow_log_retention_days=retention,
+    )
+
+
+def _service(raw: object, key: str) -> ServiceConfig:
+    fields = set(ServiceConfig.__dataclass_fields__)
+    obj = _object(raw, key, required={"name"}, optional=fields - {"name"})
+    name = _string(obj["name"], f"{key}.name")
+    if not _SERVICE_NAME.match(name):
+        raise ConfigError(
+            f"{key}.name", f"{name!r} must be 1-32 lowercase letters, digits or '-', starting with a letter"
+        )
+    default = ServiceConfig(name=name)
+    instance_type = _instance_type(obj.get("instance_type", default.instance_type), f"{key}.instance_type")
+    ports_raw = obj.get("ingress_ports", list(default.ingress_ports))
+    if not isinstance(ports_raw, list):
+        raise ConfigError(f"{key}.ingress_ports", f"expected a list of TCP ports, got {_kind(ports_raw)}")
+    ports = tuple(_port(p, f"{key}.ingress_ports[{i}]") for i, p in enumerate(ports_raw))
+    _unique(list(ports), f"{key}.ingress_ports", None)
+    ingress_cidr = _cidr(obj.get("ingress_cidr", default.ingress_cidr), f"{key}.ingress_cidr")
+    allocation_id = obj.get("allocation_id")
+    if allocation_id is not None:
+        allocation_id = _string(allocation_id, f"{key}.allocation_id")
+        if not _ALLOCATION_ID.match(allocation_id):
+            raise ConfigError(
+                f"{key}.allocation_id", f"{allocation_id!r} is not an allocation id (eipalloc- and 8 or 17 hex digits)"
+            )
+    root = _integer(obj.get("root_volume_gib", default.root_volume_gib), f"{key}.root_volume_gib")
+    # Amazon Linux 2023's image needs 2 GiB; 16 TiB is gp3's ceiling.
+    if not 2 <= root <= 16384:
+        raise ConfigError(f"{key}.root_volume_gib", f"{root} must be from 2 to 16384 GiB")
+    return ServiceConfig(
+        name=name,
+        instance_type=instance_type,
+        ingress_ports=ports,
+        ingress_cidr=ingress_cidr,
+        allocation_id=allocation_id,
+        root_volume_gib=root,
+    )
+
+
+def _object(raw: object, key: str, *, required: set[str], optional: set[str]) -> Mapping[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"expected an object, got {_kind(raw)}")
+    unknown = sorted(set(raw) - required - optional)
+    if unknown:
+        allowed = ", ".join(sorted(required | optional))
+        raise ConfigError(f"{key}.{unknown[0]}", f"unknown key (allowed here: {allowed})")
+    missing = sorted(required - set(raw))
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]}", "required key is missing")
+    return raw
+
+
+def _string(raw: object, key: str) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(key, f"expected a string, got {_kind(raw)}")
+    return raw
+
+
+def _integer(raw: object, key: str) -> int:
+    # JSON has no separate boolean-free integer type: true would pass isinstance(..., int).
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ConfigError(key, f"expected an integer, got {_kind(raw)}")
+    return raw
+
+
+def _cidr(raw: object, key: str) -> str:
+    text = _string(raw, key)
+    try:
+        network = ipaddress.IPv4Network(text, strict=True)
+    except ValueError as err:
+        raise ConfigError(key, f"{text!r} is not an IPv4 CIDR block ({err})") from None
+    if "/" not in text:
+        raise ConfigError(key, f"{text!r} is not an IPv4 CIDR block (no prefix length)")
+    return str(network)
+
+
+def _port(raw: object, key: str) -> int:
+    port = _integer(raw, key)
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, f"{port} is not a TCP port (1-65535)")
+    return port
+
+
+def _instance_type(raw: object, key: str) -> str:
+    text = _string(raw, key)
+    if not _INSTANCE_TYPE.match(text):
+        raise ConfigError(key, f"{text!r} is not an EC2 instance type like 't4g.micro'")
+    return text
+
+
+def _unique(values: Sequence[object], key: str, field: str | None) -> None:
+    seen: set[object] = set()
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        if value in seen:
+            where = f"{key}[{i}].{field}" if field else f"{key}[{i}]"
+            raise ConfigError(where, f"{value!r} appears more than once")
+        seen.add(value)
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

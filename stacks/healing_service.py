@@ -1,0 +1,231 @@
+"""One healing service: its Elastic IP, and a group of one instance that takes the address at boot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_cdk import ArnFormat, CfnOutput, Duration, RemovalPolicy, Stack, Tags
+from aws_cdk import aws_autoscaling as autoscaling
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from constructs import Construct
+
+from stacks.config import ServiceConfig
+from stacks.network import Network
+from stacks.payload_config import DEADLINE_SECONDS, payload_config
+
+# The tag that marks a service's instances; the role may associate its address only with those.
+SERVICE_TAG = "eip-reclaim:service"
+# The logical ID of the address. Pinned: CloudFormation would release the address (and its IPv4 with
+# it, for good) if a refactoring renamed the resource.
+ELASTIC_IP_LOGICAL_ID = "ElasticIp"
+LIFECYCLE_HOOK_NAME = "eip-reclaim-launch"
+# Where the payload reads its configuration (DESIGN.md, "Command line").
+CONFIG_DIR = "/etc/eip-reclaim"
+# The hook holds a new instance until the payload reports; give the payload its whole deadline and a
+# minute to start, after which the default result (ABANDON) lets the group replace the instance.
+HOOK_HEARTBEAT = Duration.seconds(DEADLINE_SECONDS + 60)
+
+
+class ElasticAddress(Construct):
+    """The service's Elastic IP: created and kept when the stack goes, or an existing one adopted."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: ServiceConfig) -> None:
+        super().__init__(scope, construct_id)
+        self.eip: ec2.CfnEIP | None = None
+        self.public_ip: str | None = None
+        if config.allocation_id is not None:
+            self.allocation_id = config.allocation_id
+        else:
+            self.eip = ec2.CfnEIP(self, "Eip", domain="vpc")
+            self.eip.apply_removal_policy(RemovalPolicy.RETAIN)
+            self.eip.override_logical_id(ELASTIC_IP_LOGICAL_ID)
+            self.allocation_id = self.eip.attr_allocation_id
+            self.public_ip = self.eip.attr_public_ip
+        self.arn = Stack.of(self).format_arn(
+            service="ec2", resource="elastic-ip", resource_name=self.allocation_id
+        )
+
+
+class HealingGroup(Construct):
+    """A group of exactly one instance over the public subnets of every AZ, whose boot takes the address."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: ServiceConfig,
+        network: Network,
+        address: ElasticAddress,
+        group_name: str,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        self.group_name = group_name
+        self.group_arn = stack.format_arn(
+            service="autoscaling",
+            resource="autoScalingGroup",
+            resource_name=f"*:autoScalingGroupName/{group_name}",
+            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+        )
+
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            description=f"eip-reclaim {config.name}: take this service's Elastic IP at boot",
+            # Session Manager instead of SSH keys and an open port 22.
+            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
+        )
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="FindTheAddress",
+                # DescribeAddresses has no resource type: "*" is the only resource it accepts.
+                actions=["ec2:DescribeAddresses"],
+                resources=["*"],
+            )
+        )
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="TakeThisAddress",
+                actions=["ec2:AssociateAddress"],
+                resources=[address.arn],
+            )
+        )
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="OnlyOntoThisServicesInstances",
+                actions=["ec2:AssociateAddress"],
+                resources=[stack.format_arn(service="ec2", resource="instance", resource_name="*")],
+                conditions={"StringEquals": {f"aws:ResourceTag/{SERVICE_TAG}": config.name}},
+            )
+        )
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ReportTheLaunch",
+                actions=["autoscaling:CompleteLifecycleAction"],
+                resources=[self.group_arn],
+            )
+        )
+
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "SecurityGroup",
+            vpc=network.vpc,
+            description=f"eip-reclaim {config.name}: the service ports",
+            allow_all_outbound=True,
+        )
+        for port in config.ingress_ports:
+            self.security_group.add_ingress_rule(
+                ec2.Peer.ipv4(config.ingress_cidr), ec2.Port.tcp(port), f"service port {port}"
+            )
+
+        # The payload's configuration as JSON; tokens (imported subnet ids, the address) stay
+        # CloudFormation expressions, resolved at deploy.
+        self.config_json = stack.to_json_string(
+            payload_config(
+                allocation_id=address.allocation_id,
+                nat_by_subnet=network.nat_by_subnet,
+                auto_scaling_group=group_name,
+                lifecycle_hook=LIFECYCLE_HOOK_NAME,
+            )
+        )
+        self.user_data = ec2.UserData.for_linux()
+        self.user_data.add_commands(
+            "set -euo pipefail",
+            f"install -d -m 0700 {CONFIG_DIR}",
+            f"cat > {CONFIG_DIR}/config.json <<'EIP_RECLAIM_CONFIG'",
+            self.config_json,
+            "EIP_RECLAIM_CONFIG",
+        )
+        cpu = ec2.AmazonLinuxCpuType.ARM_64 if config.is_arm64 else ec2.AmazonLinuxCpuType.X86_64
+        self.launch_template = ec2.LaunchTemplate(
+            self,
+            "LaunchTemplate",
+            machine_image=ec2.MachineImage.latest_amazon_linux2023(cpu_type=cpu),
+            instance_type=ec2.InstanceType(config.instance_type),
+            role=self.role,
+            security_group=self.security_group,
+            user_data=self.user_data,
+            # The instance must boot without a public IPv4: its Elastic IP is its only way out.
+            associate_public_ip_address=False,
+            http_endpoint=True,
+            http_tokens=ec2.LaunchTemplateHttpTokens.REQUIRED,
+            # One hop: a container on the instance cannot reach IMDS and borrow the instance's role.
+            http_put_response_hop_limit=1,
+            block_devices=[
+                ec2.BlockDevice(
+                    device_name="/dev/xvda",
+                    volume=ec2.BlockDeviceVolume.ebs(
+                        config.root_volume_gib,
+                        encrypted=True,
+                        volume_type=ec2.EbsDeviceVolumeType.GP3,
+                        delete_on_termination=True,
+                    ),
+                )
+            ],
+        )
+
+        self.group = autoscaling.AutoScalingGroup(
+            self,
+            "Group",
+            vpc=network.vpc,
+            vpc_subnets=ec2.SubnetSelection(subnets=network.public_subnets),
+            launch_template=self.launch_template,
+            min_capacity=1,
+            max_capacity=1,
+            desired_capacity=1,
+            # Named, not generated: the role's policy and the user data name the group, and a generated
+            # name would make the group depend on its own launch template's user data.
+            auto_scaling_group_name=group_name,
+        )
+        Tags.of(self.group).add(SERVICE_TAG, config.name, apply_to_launched_instances=True)
+        cfn_group = self.group.node.default_child
+        assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
+        # Escape hatch: a hook in the group's own specification also holds the very first instance,
+        # which the group launches before a separate AWS::AutoScaling::LifecycleHook resource exists.
+        cfn_group.lifecycle_hook_specification_list = [
+            autoscaling.CfnAutoScalingGroup.LifecycleHookSpecificationProperty(
+                lifecycle_hook_name=LIFECYCLE_HOOK_NAME,
+                lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING",
+                default_result="ABANDON",
+                heartbeat_timeout=int(HOOK_HEARTBEAT.to_seconds()),
+            )
+        ]
+
+
+class HealingServiceStack(Stack):
+    """Deploys one healing service into the shared network."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: ServiceConfig,
+        network: Network,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.service = config
+        self.address = ElasticAddress(self, "Address", config=config)
+        self.healing_group = HealingGroup(
+            self,
+            "Healing",
+            config=config,
+            network=network,
+            address=self.address,
+            group_name=self.stack_name,
+        )
+        if self.address.public_ip is not None:
+            CfnOutput(self, "PublicIp", value=self.address.public_ip, description="The service's Elastic IP")
+        CfnOutput(
+            self, "AllocationId", value=self.address.allocation_id, description="The Elastic IP's allocation id"
+        )
+        CfnOutput(
+            self,
+            "AutoScalingGroupName",
+            value=self.healing_group.group_name,
+            description="The group that keeps one instance holding the address",
+        )

@@ -1,0 +1,120 @@
+"""The shared network: VPC, public and private subnets per AZ, NAT instances, S3 endpoint, flow logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_cdk import Fn, RemovalPolicy, Stack
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from stacks.config import NetworkConfig
+from stacks.nat import NatInstance, StableNatProvider
+
+# CloudWatch Logs' retention periods by their length in days (the config speaks days).
+FLOW_LOG_RETENTION = {
+    1: logs.RetentionDays.ONE_DAY,
+    3: logs.RetentionDays.THREE_DAYS,
+    5: logs.RetentionDays.FIVE_DAYS,
+    7: logs.RetentionDays.ONE_WEEK,
+    14: logs.RetentionDays.TWO_WEEKS,
+    30: logs.RetentionDays.ONE_MONTH,
+    60: logs.RetentionDays.TWO_MONTHS,
+    90: logs.RetentionDays.THREE_MONTHS,
+    120: logs.RetentionDays.FOUR_MONTHS,
+    150: logs.RetentionDays.FIVE_MONTHS,
+    180: logs.RetentionDays.SIX_MONTHS,
+    365: logs.RetentionDays.ONE_YEAR,
+    400: logs.RetentionDays.THIRTEEN_MONTHS,
+    545: logs.RetentionDays.EIGHTEEN_MONTHS,
+    731: logs.RetentionDays.TWO_YEARS,
+    1096: logs.RetentionDays.THREE_YEARS,
+    1827: logs.RetentionDays.FIVE_YEARS,
+    2192: logs.RetentionDays.SIX_YEARS,
+    2557: logs.RetentionDays.SEVEN_YEARS,
+    2922: logs.RetentionDays.EIGHT_YEARS,
+    3288: logs.RetentionDays.NINE_YEARS,
+    3653: logs.RetentionDays.TEN_YEARS,
+}
+
+
+class Network(Construct):
+    """The VPC and what every healing service in it relies on.
+
+    `nat_by_subnet` pairs each public subnet with the NAT instance in its AZ: the source of the
+    subnet→NAT map that the healing services carry in their user data.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: NetworkConfig) -> None:
+        super().__init__(scope, construct_id)
+        self.cidr = config.cidr
+        self.nat_provider = StableNatProvider(
+            vpc_cidr=config.cidr, instance_type=config.nat_instance_type, arm64=config.nat_is_arm64
+        )
+        self.vpc = ec2.Vpc(
+            self,
+            "Vpc",
+            ip_addresses=ec2.IpAddresses.cidr(config.cidr),
+            max_azs=config.az_count,
+            nat_gateway_provider=self.nat_provider,
+            subnet_configuration=[
+                ec2.SubnetConfiguration(
+                    name="Public",
+                    subnet_type=ec2.SubnetType.PUBLIC,
+                    cidr_mask=config.subnet_prefix_length,
+                    # Nothing gets a public IPv4 by accident: the NATs ask for one, the healed
+                    # instances must boot without one (that is the whole trick).
+                    map_public_ip_on_launch=False,
+                ),
+                ec2.SubnetConfiguration(
+                    name="Private",
+                    subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS,
+                    cidr_mask=config.subnet_prefix_length,
+                ),
+            ],
+            # Clearing the default security group's rules takes a Lambda-backed custom resource; nothing
+            # here uses that group, and the app deploys no Lambda.
+            restrict_default_security_group=False,
+            # Free, and lets an instance without a public IPv4 fetch its payload from S3; by default it
+            # is routed from every subnet's route table.
+            gateway_endpoints={"S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)},
+        )
+        self.flow_log_group = logs.LogGroup(
+            self,
+            "FlowLogs",
+            retention=FLOW_LOG_RETENTION[config.flow_log_retention_days],
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        self.flow_log = self.vpc.add_flow_log(
+            "FlowLog",
+            destination=ec2.FlowLogDestination.to_cloud_watch_logs(self.flow_log_group),
+            traffic_type=ec2.FlowLogTrafficType.ALL,
+        )
+        self.public_subnets: list[ec2.ISubnet] = list(self.vpc.public_subnets)
+
+    @property
+    def nat_instances(self) -> list[NatInstance]:
+        return self.nat_provider.instances
+
+    @property
+    def nat_by_subnet(self) -> list[tuple[ec2.ISubnet, str]]:
+        """Each public subnet with the private IPv4 of the NAT instance in its AZ."""
+        by_az = {nat.subnet.availability_zone: nat.private_ip for nat in self.nat_instances}
+        return [(subnet, by_az[subnet.availability_zone]) for subnet in self.public_subnets]
+
+
+class NetworkStack(Stack):
+    """Deploys the shared `Network`."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: NetworkConfig, **kwargs: Any) -> None:
+        self._az_count = config.az_count
+        super().__init__(scope, construct_id, **kwargs)
+        self.network = Network(self, "Network", config=config)
+
+    @property
+    def availability_zones(self) -> list[str]:
+        # An env-agnostic stack offers only two AZs; select as many as configured from the deploy
+        # region's list instead, still with no lookup at synth.
+        return [Fn.select(i, Fn.get_azs()) for i in range(self._az_count)]
+

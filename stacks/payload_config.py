@@ -1,0 +1,32 @@
+"""The payload's configuration file (DESIGN.md, "Configuration file"), built from the stacks' constructs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from aws_cdk import Aws
+from aws_cdk import aws_ec2 as ec2
+
+CONFIG_VERSION = 1
+# The payload's own deadline for one run; the lifecycle hook's heartbeat must outlast it.
+DEADLINE_SECONDS = 240
+
+
+def payload_config(
+    *,
+    allocation_id: str,
+    nat_by_subnet: Sequence[tuple[ec2.ISubnet, str]],
+    auto_scaling_group: str,
+    lifecycle_hook: str,
+) -> dict[str, Any]:
+    """The file's content. Subnet ids, the region and the allocation id may be CloudFormation tokens:
+    `Stack.to_json_string` renders them, keys included, as one Fn::Join resolved at deploy."""
+    return {
+        "version": CONFIG_VERSION,
+        "region": Aws.REGION,
+        "allocation_id": allocation_id,
+        "nat_by_subnet": {subnet.subnet_id: nat_ip for subnet, nat_ip in nat_by_subnet},
+        "lifecycle_hook": {"auto_scaling_group": auto_scaling_group, "hook": lifecycle_hook},
+        "deadline_seconds": DEADLINE_SECONDS,
+    }
