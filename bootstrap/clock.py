@@ -1,0 +1,53 @@
+"""The run's clock and its one deadline, injectable so tests need not wait."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from bootstrap.errors import DeadlineExceeded
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class Deadline:
+    """One deadline for the whole run, on the monotonic clock."""
+
+    def __init__(self, clock: Clock, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.start = clock.monotonic()
+        self.end = self.start + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - self.clock.monotonic())
+
+    def elapsed(self) -> float:
+        return self.clock.monotonic() - self.start
+
+    def check(self, doing: str) -> None:
+        """Raise DeadlineExceeded if the deadline has passed, naming what was about to happen."""
+        if self.clock.monotonic() >= self.end:
+            raise DeadlineExceeded(f"deadline of {self.seconds:g} s passed before {doing}")
+
+    def timeout(self, limit: float) -> float:
+        """`limit`, shortened so a blocking call cannot outlive the deadline (never zero: 10 ms floor)."""
+        return max(0.01, min(limit, self.remaining()))
+
+    def sleep(self, seconds: float, doing: str) -> None:
+        """Sleep `seconds`, or fail now if that would pass the deadline."""
+        if seconds >= self.remaining():
+            raise DeadlineExceeded(f"deadline of {self.seconds:g} s would pass while {doing}")
+        self.clock.sleep(seconds)

@@ -1,0 +1,269 @@
+"""One run: recover, read IMDS, detour via the NAT, claim the Elastic IP, restore, complete the lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, TextIO
+
+from bootstrap import routes
+from bootstrap.clock import Clock, Deadline
+from bootstrap.config import Config
+from bootstrap.errors import EXIT_OK, ConfigError, IdentityMismatch, LockBusy, ReclaimError, Terminated
+from bootstrap.imds import Credentials, Identity, Imds, ImdsError
+from bootstrap.interrupts import Interrupts
+from bootstrap.routes import DetourPlan, Netlink
+from bootstrap.state import Journal
+
+if TYPE_CHECKING:
+    from mypy_boto3_autoscaling import AutoScalingClient
+    from mypy_boto3_ec2 import EC2Client
+
+    from bootstrap.claim import Outcome
+
+LOG = logging.getLogger(__name__)
+
+
+class Clients(Protocol):
+    """What the run needs to make API clients (the real one is `aws.ClientFactory`)."""
+
+    def ec2(self, endpoint_url: Optional[str], credentials: Optional[Credentials]) -> EC2Client: ...
+
+    def autoscaling(
+        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
+    ) -> AutoScalingClient: ...
+
+
+@dataclass
+class Deps:
+    """Everything a run touches, injected so each branch can be driven by small fakes."""
+
+    clock: Clock
+    imds: Imds
+    netlink: Callable[[], AbstractContextManager[Netlink]]
+    clients: Clients
+    journal: Journal
+    interrupts: Interrupts = field(default_factory=Interrupts)
+    skip_pins: frozenset[str] = frozenset()
+    rng: random.Random = field(default_factory=random.Random)
+
+
+def recover(netlink: Netlink, journal: Journal) -> bool:
+    """Restore a detour an interrupted (killed) run left behind; True if there was one."""
+    document = journal.read()
+    if document is None:
+        return False
+    plan = DetourPlan.from_json(document["plan"])
+    LOG.warning(
+        "recover: a previous run left a detour via %s (journal %s); restoring it first",
+        plan.nat,
+        journal.path,
+    )
+    routes.restore(netlink, plan)
+    journal.delete()
+    LOG.info("recover: routes restored as journaled")
+    return True
+
+
+def restore_until_done(netlink: Netlink, plan: DetourPlan, journal: Journal, interrupts: Interrupts) -> None:
+    """Restore, repeating if an interrupt that landed just before disarming cut the first try short."""
+    while True:
+        try:
+            interrupts.armed = False
+            routes.restore(netlink, plan)
+            journal.delete()
+            return
+        except (Terminated, ReclaimError) as err:
+            if isinstance(err, routes.RouteError):
+                LOG.error("restore: %s; journal kept at %s for the next run", err, journal.path)
+                raise
+            LOG.warning("restore: interrupted (%s); restoring again", err)
+
+
+def _skip_warning(skip: frozenset[str]) -> None:
+    if skip:
+        LOG.warning("TEST ONLY: not adding pins %s (EIP_RECLAIM_TEST_SKIP_PINS)", ",".join(sorted(skip)))
+
+
+def _claim(
+    deps: Deps, config: Config, deadline: Deadline, *, ec2: EC2Client, me: str, before: Callable[[], None]
+) -> Outcome:
+    from bootstrap.claim import Retrier, claim  # noqa: PLC0415 (botocore loads on a background thread meanwhile)
+
+    return claim(ec2, me, config.allocation_id, Retrier(deadline, before, deps.rng))
+
+
+def _detour_and_claim(
+    deps: Deps,
+    config: Config,
+    deadline: Deadline,
+    *,
+    identity: Identity,
+    nat: str,
+    creds: Optional[Credentials],
+) -> Outcome:
+    with deps.netlink() as netlink:
+        plan = routes.plan_detour(
+            netlink,
+            mac=identity.mac,
+            subnet_cidr=identity.subnet_cidr,
+            vpc_cidrs=identity.vpc_cidrs,
+            nat=nat,
+            skip_pins=deps.skip_pins,
+        )
+        deps.journal.write({"plan": plan.to_json()})
+        LOG.info("journal: %d default route(s) recorded in %s", len(plan.default_routes), deps.journal.path)
+        try:
+            routes.apply_pins(netlink, plan)
+            LOG.info(
+                "routes: pinned %s via %s (%d already there, left alone)",
+                ", ".join(p.dst for p in plan.pins) or "nothing",
+                plan.router,
+                len(routes.LINK_LOCAL_PINS) + len(identity.vpc_cidrs) - len(plan.pins),
+            )
+            netlink.replace(plan.detour)
+            LOG.info("routes: default route now via NAT %s (metric %d)", nat, plan.detour.priority)
+            _guard_identity(deps.imds, identity.instance_id)
+
+            def before_attempt() -> None:
+                if routes.assert_detour(netlink, plan):
+                    LOG.warning("routes: default route was changed under the detour; detour re-asserted")
+
+            ec2 = deps.clients.ec2(config.ec2_endpoint_url, creds)
+            return _claim(deps, config, deadline, ec2=ec2, me=identity.instance_id, before=before_attempt)
+        finally:
+            restore_until_done(netlink, plan, deps.journal, deps.interrupts)
+            LOG.info("routes: restored as journaled; journal removed")
+
+
+def _guard_identity(imds: Imds, expected: str) -> None:
+    """IMDS must still be this instance's: without the pin, the NAT's IMDS answers (the published bug)."""
+    try:
+        seen = imds.instance_id()
+    except ImdsError as err:
+        raise IdentityMismatch(
+            f"imds: no answer during the detour ({err}); is the 169.254.169.254 pin in place?"
+        ) from None
+    if seen != expected:
+        raise IdentityMismatch(
+            f"imds: instance-id during the detour is {seen}, expected {expected}: "
+            "IMDS is answering through the NAT (169.254.169.254 not pinned); restoring"
+        )
+    LOG.info("imds: still %s during the detour", seen)
+
+
+def run(config: Config, deps: Deps, deadline: Deadline) -> int:
+    """The whole run after the lock is held. Raises ReclaimError (with its exit code) on failure."""
+    _skip_warning(deps.skip_pins)
+    with deps.netlink() as netlink:
+        recover(netlink, deps.journal)
+    identity = deps.imds.identity()
+    LOG.info(
+        "imds: instance %s in %s (%s), VPC %s, public IPv4 %s",
+        identity.instance_id,
+        identity.subnet_id,
+        identity.subnet_cidr,
+        ",".join(identity.vpc_cidrs),
+        identity.public_ipv4 or "none",
+    )
+    outcome: Optional[Outcome] = None
+    try:
+        nat = config.nat_for(identity.subnet_id)
+        creds = deps.imds.credentials()
+        LOG.info(
+            "imds: %s", "role credentials read" if creds else "no instance role; default credential chain"
+        )
+        if identity.public_ipv4:
+            # A public address means the API is reachable as things are (and if it is the Elastic IP,
+            # DescribeAddresses shows it is ours): no detour, no route change.
+            LOG.info("routes: public IPv4 %s present; no detour needed", identity.public_ipv4)
+            ec2 = deps.clients.ec2(config.ec2_endpoint_url, creds)
+            outcome = _claim(deps, config, deadline, ec2=ec2, me=identity.instance_id, before=lambda: None)
+        else:
+            outcome = _detour_and_claim(deps, config, deadline, identity=identity, nat=nat, creds=creds)
+    except ReclaimError as err:
+        deps.interrupts.armed = False
+        if not isinstance(err, (Terminated, LockBusy)):
+            _complete(deps, config, identity.instance_id, "ABANDON")
+        raise
+    deps.interrupts.armed = False
+    LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
+    _complete(deps, config, identity.instance_id, "CONTINUE")
+    return EXIT_OK
+
+
+def _complete(deps: Deps, config: Config, instance_id: str, result: str) -> None:
+    if config.lifecycle_hook is None:
+        return
+    from bootstrap.claim import complete_lifecycle  # noqa: PLC0415
+
+    # A fresh client: the connections made through the NAT died with the detour.
+    try:
+        client = deps.clients.autoscaling(config.autoscaling_endpoint_url, deps.imds.credentials())
+    except ReclaimError as err:
+        LOG.warning("lifecycle: %s not sent: %s", result, err)
+        return
+    complete_lifecycle(client, config.lifecycle_hook, instance_id, result)
+
+
+def dry_run(config: Config, deps: Deps, out: TextIO) -> int:
+    """Print what a run would do; change nothing (no lock, no journal, no API call)."""
+    identity = deps.imds.identity()
+    nat = config.nat_for(identity.subnet_id)
+    lines = [
+        f"instance {identity.instance_id} in {identity.subnet_id} ({identity.subnet_cidr}), "
+        f"VPC {', '.join(identity.vpc_cidrs)}, public IPv4 {identity.public_ipv4 or 'none'}",
+    ]
+    if deps.journal.read() is not None:
+        lines.append(f"would first restore the detour journaled in {deps.journal.path}")
+    calls = [
+        f"DescribeAddresses(AllocationIds=[{config.allocation_id}])",
+        "if another instance holds it: DescribeInstances(holder, self); yield to a newer member of the group",
+        f"AssociateAddress({config.allocation_id}, {identity.instance_id}, AllowReassociation=True)"
+        " unless already held",
+        "DescribeAddresses to verify",
+    ]
+    if identity.public_ipv4:
+        lines.append(f"no detour: public IPv4 {identity.public_ipv4} reaches the API as routed now")
+    else:
+        with deps.netlink() as netlink:
+            plan = routes.plan_detour(
+                netlink,
+                mac=identity.mac,
+                subnet_cidr=identity.subnet_cidr,
+                vpc_cidrs=identity.vpc_cidrs,
+                nat=nat,
+                skip_pins=deps.skip_pins,
+            )
+        lines.append(f"would journal to {deps.journal.path}:")
+        lines += [f"  default route now: {r.describe()}" for r in plan.default_routes] or [
+            "  no default route"
+        ]
+        lines += [f"would add pin: {p.describe()}" for p in plan.pins] or ["would add no pin (all present)"]
+        lines.append(f"would replace the default route by: {plan.detour.describe()}")
+        lines.append(f"would check IMDS still answers as {identity.instance_id}")
+    lines += [f"would call {call}" for call in calls]
+    if not identity.public_ipv4:
+        lines.append("would restore the default route(s) as journaled and remove only the pins added")
+    if config.lifecycle_hook:
+        hook = config.lifecycle_hook
+        lines.append(
+            f"would call CompleteLifecycleAction({hook.auto_scaling_group}, {hook.hook}, CONTINUE or ABANDON)"
+        )
+    out.write("".join(f"dry-run: {line}\n" for line in lines))
+    return EXIT_OK
+
+
+@contextmanager
+def pyroute2_netlink() -> Iterator[Netlink]:
+    """pyroute2's IPRoute in the current network namespace (narrow import: the package is large)."""
+    from pyroute2.iproute.linux import IPRoute  # noqa: PLC0415
+
+    with IPRoute() as ipr:
+        yield routes.PyRoute2Netlink(ipr)
+
+
+__all__ = ["ConfigError", "Deps", "dry_run", "pyroute2_netlink", "recover", "run"]

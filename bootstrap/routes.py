@@ -1,0 +1,281 @@
+"""Routes of the main table: read, pin, detour via the NAT, and put back exactly as they were."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional, Protocol
+
+from bootstrap.errors import ConfigError, TransientError
+
+LOG = logging.getLogger(__name__)
+
+MAIN_TABLE = 254
+AF_INET = 2
+RTN_UNICAST = 1
+RT_SCOPE_UNIVERSE = 0
+RTPROT_STATIC = 4
+# The only rtm_flags bit that describes a route rather than a dump: a gateway taken as on-link.
+RTNH_F_ONLINK = 4
+
+DEFAULT = "0.0.0.0/0"
+# The link-local services that must keep answering for *this* instance during the detour: through the
+# NAT they would be the NAT's own (IMDS would hand out its identity and credentials).
+LINK_LOCAL_PINS = {
+    "imds": "169.254.169.254/32",
+    "dns": "169.254.169.253/32",
+    "time": "169.254.169.123/32",
+}
+PIN_NAMES = ("imds", "dns", "time", "vpc")
+
+
+class RouteError(TransientError):
+    """The kernel refused a route change."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One IPv4 route, with every attribute needed to put it back as it was."""
+
+    dst: str
+    gateway: Optional[str] = None
+    oif: Optional[int] = None
+    priority: int = 0
+    proto: int = RTPROT_STATIC
+    scope: int = RT_SCOPE_UNIVERSE
+    prefsrc: Optional[str] = None
+    table: int = MAIN_TABLE
+    type: int = RTN_UNICAST
+    flags: int = 0
+    metrics: tuple[tuple[str, int], ...] = field(default=())
+
+    def describe(self) -> str:
+        via = f" via {self.gateway}" if self.gateway else ""
+        src = f" src {self.prefsrc}" if self.prefsrc else ""
+        return f"{self.dst}{via} dev #{self.oif} proto {self.proto}{src} metric {self.priority}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["metrics"] = [list(item) for item in self.metrics]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Route:
+        values = dict(data)
+        values["metrics"] = tuple((str(name), int(value)) for name, value in values.get("metrics", ()))
+        return cls(**values)
+
+
+class Netlink(Protocol):
+    """The few netlink operations the detour needs (pyroute2 on a host, a fake in unit tests)."""
+
+    def link_index(self, mac: str) -> Optional[int]: ...
+
+    def routes(self, table: int) -> list[Route]: ...
+
+    def add(self, route: Route) -> None: ...
+
+    def replace(self, route: Route) -> None: ...
+
+    def delete(self, route: Route) -> bool: ...
+
+
+class PyRoute2Netlink:
+    """Netlink through pyroute2's IPRoute in the current network namespace."""
+
+    def __init__(self, ipr: Any) -> None:
+        self._ipr = ipr
+
+    def link_index(self, mac: str) -> Optional[int]:
+        found = self._ipr.link_lookup(address=mac.lower())
+        return int(found[0]) if found else None
+
+    def routes(self, table: int) -> list[Route]:
+        result = []
+        for msg in self._ipr.get_routes(family=AF_INET, table=table):
+            metrics = msg.get("RTA_METRICS")
+            result.append(
+                Route(
+                    dst=f"{msg.get('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}",
+                    gateway=msg.get("RTA_GATEWAY"),
+                    oif=msg.get("RTA_OIF"),
+                    priority=msg.get("RTA_PRIORITY") or 0,
+                    proto=msg["proto"],
+                    scope=msg["scope"],
+                    prefsrc=msg.get("RTA_PREFSRC"),
+                    table=msg.get("RTA_TABLE") or msg["table"],
+                    type=msg["type"],
+                    flags=msg["flags"] & RTNH_F_ONLINK,
+                    metrics=tuple((str(k), int(v)) for k, v in metrics["attrs"]) if metrics else (),
+                )
+            )
+        return result
+
+    def _spec(self, route: Route) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "dst": route.dst,
+            "table": route.table,
+            "priority": route.priority,
+            "proto": route.proto,
+            "scope": route.scope,
+            "type": route.type,
+            "flags": route.flags,
+        }
+        for key in ("gateway", "oif", "prefsrc"):
+            if getattr(route, key) is not None:
+                spec[key] = getattr(route, key)
+        if route.metrics:
+            spec["metrics"] = {"attrs": [list(item) for item in route.metrics]}
+        return spec
+
+    def _call(self, command: str, route: Route) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 (imported with pyroute2)
+
+        try:
+            self._ipr.route(command, **self._spec(route))
+        except NetlinkError as err:
+            raise RouteError(
+                f"routes: {command} {route.describe()}: {err}",
+            ) from err
+
+    def add(self, route: Route) -> None:
+        self._call("add", route)
+
+    def replace(self, route: Route) -> None:
+        self._call("replace", route)
+
+    def delete(self, route: Route) -> bool:
+        try:
+            self._call("del", route)
+        except RouteError as err:
+            if getattr(err.__cause__, "code", None) == errno.ESRCH:
+                return False
+            raise
+        return True
+
+
+@dataclass(frozen=True)
+class DetourPlan:
+    """What a detour changes, written to the journal before the first change."""
+
+    ifindex: int
+    router: str
+    nat: str
+    # The main table's default routes as found; empty when there was none.
+    default_routes: tuple[Route, ...]
+    # The route that replaces the best default route while the detour is in place.
+    detour: Route
+    # Pins this run adds (never ones that already existed); only these are removed afterwards.
+    pins: tuple[Route, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ifindex": self.ifindex,
+            "router": self.router,
+            "nat": self.nat,
+            "default_routes": [r.to_json() for r in self.default_routes],
+            "detour": self.detour.to_json(),
+            "pins": [r.to_json() for r in self.pins],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DetourPlan:
+        return cls(
+            ifindex=int(data["ifindex"]),
+            router=str(data["router"]),
+            nat=str(data["nat"]),
+            default_routes=tuple(Route.from_json(r) for r in data["default_routes"]),
+            detour=Route.from_json(data["detour"]),
+            pins=tuple(Route.from_json(r) for r in data["pins"]),
+        )
+
+
+def vpc_router(subnet_cidr: str) -> str:
+    """The VPC router is the subnet's base address + 1 (AWS reserves it in every subnet)."""
+    return str(ipaddress.IPv4Network(subnet_cidr).network_address + 1)
+
+
+def _defaults(routes: Iterable[Route]) -> list[Route]:
+    return sorted((r for r in routes if r.dst == DEFAULT and r.type == RTN_UNICAST), key=lambda r: r.priority)
+
+
+def plan_detour(
+    netlink: Netlink,
+    *,
+    mac: str,
+    subnet_cidr: str,
+    vpc_cidrs: Sequence[str],
+    nat: str,
+    skip_pins: Iterable[str] = (),
+) -> DetourPlan:
+    """Read the interface and the main table; decide the pins and the detour route. Changes nothing."""
+    ifindex = netlink.link_index(mac)
+    if ifindex is None:
+        raise RouteError(f"routes: no interface with MAC {mac} (the one IMDS names)")
+    if ipaddress.IPv4Address(nat) not in ipaddress.IPv4Network(subnet_cidr):
+        raise ConfigError(
+            f"config: nat_by_subnet: NAT {nat} is not inside this instance's subnet {subnet_cidr}"
+        )
+    router = vpc_router(subnet_cidr)
+    table = netlink.routes(MAIN_TABLE)
+    existing = {r.dst for r in table}
+    skip = set(skip_pins)
+    wanted = [dst for name, dst in LINK_LOCAL_PINS.items() if name not in skip]
+    if "vpc" not in skip:
+        wanted += [str(ipaddress.IPv4Network(c)) for c in vpc_cidrs]
+    pins = tuple(
+        Route(dst=dst, gateway=router, oif=ifindex, proto=RTPROT_STATIC)
+        for dst in dict.fromkeys(wanted)
+        if dst not in existing
+    )
+    defaults = _defaults(table)
+    if defaults:
+        best = defaults[0]
+        # Same key (dst, table, metric) so the kernel replaces it in place; same protocol, source and
+        # flags so nothing else changes. The source only makes sense on the interface it belongs to.
+        detour = replace(
+            best, gateway=nat, oif=ifindex, prefsrc=best.prefsrc if best.oif == ifindex else None
+        )
+    else:
+        detour = Route(dst=DEFAULT, gateway=nat, oif=ifindex, proto=RTPROT_STATIC)
+    return DetourPlan(ifindex, router, nat, tuple(defaults), detour, pins)
+
+
+def apply_pins(netlink: Netlink, plan: DetourPlan) -> None:
+    for pin in plan.pins:
+        try:
+            netlink.add(pin)
+        except RouteError as err:
+            if getattr(err.__cause__, "code", None) != errno.EEXIST:
+                raise
+            # Appeared since the plan was made: harmless, and restore's delete matches this exact route.
+            LOG.debug("routes: pin %s already there", pin.dst)
+
+
+def detour_in_place(netlink: Netlink, plan: DetourPlan) -> bool:
+    """True when the best default route of the main table is the detour via the NAT."""
+    defaults = _defaults(netlink.routes(MAIN_TABLE))
+    return bool(defaults) and defaults[0].gateway == plan.nat and defaults[0].oif == plan.ifindex
+
+
+def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
+    """Put the detour (back) in place; True if it had to be changed (a DHCP client re-added its route)."""
+    if detour_in_place(netlink, plan):
+        return False
+    netlink.replace(plan.detour)
+    return True
+
+
+def restore(netlink: Netlink, plan: DetourPlan) -> None:
+    """Put the main table back as journaled. Idempotent: safe to repeat after a crash at any point."""
+    for route in plan.default_routes:
+        netlink.replace(route)
+    for route in _defaults(netlink.routes(MAIN_TABLE)):
+        # A detour route still present (no default route to replace it by, or left at another metric).
+        if route.gateway == plan.nat and route.oif == plan.ifindex and route not in plan.default_routes:
+            netlink.delete(route)
+    for pin in plan.pins:
+        netlink.delete(pin)
