@@ -18,12 +18,12 @@ import threading
 import time
 import urllib.request
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.lab import jsonl
+from tests.lab import jsonl, server
 
 EC2_PORT = 8080
 AUTOSCALING_PORT = 8081
@@ -157,23 +157,14 @@ def main() -> None:
     parser.add_argument("--moto-port", type=int, required=True)
     parser.add_argument("--sync-url", required=True)
     args = parser.parse_args()
-    servers = [
-        ThreadingHTTPServer(
-            ("0.0.0.0", EC2_PORT),
-            ec2_handler(
-                ("127.0.0.1", args.moto_port),
-                args.sync_url,
-                Faults(args.dir / "api-faults.json"),
-                args.dir / "ec2.jsonl",
-            ),
-        ),
-        ThreadingHTTPServer(
-            ("0.0.0.0", AUTOSCALING_PORT), autoscaling_handler(args.dir / "autoscaling.jsonl")
-        ),
-    ]
-    for server in servers:
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    ec2 = ec2_handler(
+        ("127.0.0.1", args.moto_port),
+        args.sync_url,
+        Faults(args.dir / "api-faults.json"),
+        args.dir / "ec2.jsonl",
+    )
+    server.start(("0.0.0.0", EC2_PORT), ec2)
+    server.start(("0.0.0.0", AUTOSCALING_PORT), autoscaling_handler(args.dir / "autoscaling.jsonl"))
     (args.dir / "api.ready").touch()
     threading.Event().wait()
 

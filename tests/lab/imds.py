@@ -7,11 +7,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from tests.lab import jsonl
+from tests.lab import jsonl, server
 
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -91,7 +91,7 @@ def serve(
     public_ipv4: Callable[[str], str | None],
     faults: Faults,
     log_path: Path,
-) -> ThreadingHTTPServer:
+) -> server.Server:
     """Start an IMDS on address:80 in a thread; every request is logged with its source."""
     tokens: set[str] = set()
 
@@ -149,7 +149,4 @@ def serve(
             else:
                 self._reply(200, answer)
 
-    server = ThreadingHTTPServer((address, 80), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return server.start((address, 80), Handler)

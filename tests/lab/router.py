@@ -17,11 +17,11 @@ import threading
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from tests.lab import imds, jsonl
+from tests.lab import imds, jsonl, server
 
 # Fast enough that the gateway follows an association well inside one client probe interval.
 POLL_SECONDS = 0.05
@@ -137,9 +137,7 @@ def serve_sync(address: str, gateway: Gateway) -> None:
             self.send_response(204)
             self.end_headers()
 
-    server = ThreadingHTTPServer((address, SYNC_PORT), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.start((address, SYNC_PORT), Handler)
 
 
 def main() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from tests.lab.server import Server
 
 
 def main() -> None:
@@ -25,7 +27,7 @@ def main() -> None:
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("0.0.0.0", 80), Handler)
+    server = Server(("0.0.0.0", 80), Handler)
     args.ready.touch()
     server.serve_forever()
 
