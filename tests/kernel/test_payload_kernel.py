@@ -1,0 +1,213 @@
+"""The real payload against the real kernel: routes before == routes after, on every way a run can end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kernel import world as lab
+from tests.kernel.world import World, world
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def w(tmp_path: Path) -> Iterator[World]:
+    with world(tmp_path) as built:
+        yield built
+
+
+def _by_dst(table: list[dict[str, object]]) -> dict[object, dict[str, object]]:
+    return {r["dst"]: r for r in table}
+
+
+def test_success_takes_the_address_and_leaves_every_table_as_it_was(w: World) -> None:
+    before = w.all_routes()
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    # Every table (main, local, IPv6), every attribute: protocol, source, metric, scope, flags.
+    assert w.all_routes() == before
+    assert w.holder() == w.ids["self"]
+    assert not w.journal.exists()
+    assert "associating" in err
+
+
+def test_pins_and_detour_are_in_place_while_the_api_is_called(w: World) -> None:
+    before = w.routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        during = _by_dst(w.wait_for_detour())
+        # The detour replaced the DHCP default route in place: same metric, protocol and source.
+        assert during["default"]["gateway"] == lab.NAT
+        assert during["default"]["metric"] == 512
+        assert during["default"]["protocol"] == "dhcp"
+        assert during["default"]["prefsrc"] == lab.ADDRESS
+        assert [r for r in w.routes() if r["dst"] == "default"] == [during["default"]]
+        for pin in ("169.254.169.254", "169.254.169.253", "169.254.169.123", lab.VPC_CIDR):
+            assert during[pin]["gateway"] == lab.ROUTER, pin
+            assert during[pin]["dev"] == lab.IFNAME, pin
+        journal = json.loads(w.journal.read_text())
+        assert journal["plan"]["default_routes"][0]["gateway"] == lab.ROUTER
+    finally:
+        w.resume_api()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert w.routes() == before
+
+
+def test_api_failure_restores_and_exits_3(w: World) -> None:
+    before = w.all_routes()
+    code, _, err = w.run_payload(w.config(allocation_id="eipalloc-0123456789abcdef0"))
+    assert code == 3, err
+    assert "InvalidAllocationID.NotFound" in err
+    assert w.all_routes() == before
+    assert not w.journal.exists()
+
+
+def test_deadline_restores_and_exits_75(w: World) -> None:
+    before = w.all_routes()
+    w.pause_api()
+    try:
+        started = time.monotonic()
+        code, _, err = w.run_payload(w.config(deadline_seconds=2))
+        took = time.monotonic() - started
+    finally:
+        w.resume_api()
+    assert code == 75, err
+    assert "deadline" in err
+    assert w.all_routes() == before
+    assert w.holder() == w.ids["other"]
+    print(f"deadline 2 s: the run ended after {took:.2f} s")
+
+
+def test_sigterm_mid_detour_restores_and_exits_75(w: World) -> None:
+    before = w.all_routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        w.wait_for_detour()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        w.resume_api()
+    assert proc.returncode == 75, err
+    assert "SIGTERM" in err
+    assert w.all_routes() == before
+    assert not w.journal.exists()
+
+
+def test_sigkill_mid_detour_is_restored_by_the_next_run(w: World) -> None:
+    before = w.all_routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        w.wait_for_detour()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        # Nothing can restore after SIGKILL: the detour and the journal are left behind.
+        assert w.all_routes() != before
+        assert w.journal.exists()
+    finally:
+        w.resume_api()
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    assert "recover:" in err
+    assert w.all_routes() == before
+    assert w.holder() == w.ids["self"]
+
+
+def test_sigkill_then_a_run_that_fails_still_restores_the_first_detour(w: World) -> None:
+    before = w.all_routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        w.wait_for_detour()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        w.resume_api()
+    code, _, err = w.run_payload(w.config(allocation_id="eipalloc-0123456789abcdef0"))
+    assert code == 3, err
+    assert w.all_routes() == before
+
+
+def test_an_existing_pin_is_left_alone(w: World) -> None:
+    w.inst.ip("route", "add", "169.254.169.123", "via", lab.ROUTER, "dev", lab.IFNAME, "proto", "dhcp", "metric", "512")
+    before = w.all_routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        during = _by_dst(w.wait_for_detour())
+        assert during["169.254.169.123"]["protocol"] == "dhcp"
+        assert during["169.254.169.123"]["metric"] == 512
+        assert "169.254.169.254" in during
+    finally:
+        w.resume_api()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert w.all_routes() == before
+    assert "1 already there" in err
+
+
+def test_a_lease_renewal_during_the_detour_is_undone_before_the_next_call(w: World) -> None:
+    before = w.all_routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        w.wait_for_detour()
+        # What systemd-networkd does on a DHCP renewal: put its own default route back.
+        w.inst.ip("route", "replace", *lab.AL2023_ROUTES[-1].split())
+    finally:
+        w.resume_api()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "re-asserted" in err
+    assert w.all_routes() == before
+    assert w.holder() == w.ids["self"]
+
+
+def test_missing_imds_pin_is_caught_by_the_identity_guard(w: World) -> None:
+    before = w.all_routes()
+    env = w.env(EIP_RECLAIM_TEST_SKIP_PINS="imds")
+    code, _, err = w.run_payload(w.config(), env=env)
+    assert code == 75, err
+    assert "TEST ONLY" in err
+    assert lab.NAT_INSTANCE_ID in err
+    assert w.all_routes() == before
+    assert w.holder() == w.ids["other"], "no AssociateAddress may be made with the NAT's identity"
+
+
+def test_subnet_not_in_the_map_touches_no_route(w: World) -> None:
+    before = w.all_routes()
+    code, _, err = w.run_payload(w.config(nat_by_subnet={"subnet-0bbb": "10.0.1.4"}))
+    assert code == 2, err
+    assert "subnet-0aaa" in err
+    assert w.all_routes() == before
+    assert not w.journal.exists()
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(w: World) -> None:
+    before = w.all_routes()
+    code, out, err = w.run_payload(w.config(), "--dry-run")
+    assert code == 0, err
+    assert "would add pin: 169.254.169.254/32" in out
+    assert f"would replace the default route by: 0.0.0.0/0 via {lab.NAT}" in out
+    assert w.all_routes() == before
+    assert w.holder() == w.ids["other"]
+
+
+def test_second_run_when_already_held_makes_no_change(w: World) -> None:
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    before = w.all_routes()
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    assert "already held by this instance; no change" in err
+    assert w.all_routes() == before
