@@ -83,7 +83,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._reply(200, value)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

@@ -41,10 +41,8 @@ def wait_ready(ec2: Any) -> None:
 def setup(ec2: Any) -> dict[str, str]:
     wait_ready(ec2)
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    ids = [
-        i["InstanceId"]
-        for i in ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2, InstanceType="t3.micro")["Instances"]
-    ]
+    reply = ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2, InstanceType="t3.micro")
+    ids = [i["InstanceId"] for i in reply["Instances"]]
     allocation = ec2.allocate_address(Domain="vpc", Address=ELASTIC_IP)["AllocationId"]
     ec2.associate_address(AllocationId=allocation, InstanceId=ids[1])
     return {"self": ids[0], "other": ids[1], "allocation_id": allocation, "public_ip": ELASTIC_IP}

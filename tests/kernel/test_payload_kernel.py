@@ -139,7 +139,8 @@ def test_sigkill_then_a_run_that_fails_still_restores_the_first_detour(w: World)
 
 
 def test_an_existing_pin_is_left_alone(w: World) -> None:
-    w.inst.ip("route", "add", "169.254.169.123", "via", lab.ROUTER, "dev", lab.IFNAME, "proto", "dhcp", "metric", "512")
+    pin = f"169.254.169.123 via {lab.ROUTER} dev {lab.IFNAME} proto dhcp metric 512"
+    w.inst.ip("route", "add", *pin.split())
     before = w.all_routes()
     w.pause_api()
     proc = w.start_payload(w.config())

@@ -65,7 +65,8 @@ class World:
 
     def routes(self, table: str = "main") -> list[dict[str, Any]]:
         """The full detailed dump of a routing table of the instance, as `ip -j -d` prints it."""
-        return json.loads(self.inst.ip("-j", "-d", "route", "show", "table", table) or "[]")
+        dump: list[dict[str, Any]] = json.loads(self.inst.ip("-j", "-d", "route", "show", "table", table) or "[]")
+        return dump
 
     def all_routes(self) -> list[dict[str, Any]]:
         return self.routes("all")
@@ -106,7 +107,9 @@ class World:
         env.update(extra)
         return env
 
-    def start_payload(self, config: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start_payload(
+        self, config: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
         """The real payload, `python -m bootstrap`, inside the instance namespace."""
         return self.inst.popen(  # type: ignore[return-value]
             [sys.executable, "-m", "bootstrap", "--config", str(config), *extra],
