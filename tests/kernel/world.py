@@ -65,7 +65,8 @@ class World:
 
     def routes(self, table: str = "main") -> list[dict[str, Any]]:
         """The full detailed dump of a routing table of the instance, as `ip -j -d` prints it."""
-        dump: list[dict[str, Any]] = json.loads(self.inst.ip("-j", "-d", "route", "show", "table", table) or "[]")
+        text = self.inst.ip("-j", "-d", "route", "show", "table", table)
+        dump: list[dict[str, Any]] = json.loads(text or "[]")
         return dump
 
     def all_routes(self) -> list[dict[str, Any]]:
