@@ -120,8 +120,11 @@ class Instance:
         return str(self.lab.identities[self.private_ip]["access_key_id"])
 
     def routes(self) -> str:
-        """Every routing table of the instance, as `ip` prints it: what "restored exactly" compares."""
-        return self.ns.ip("route", "show", "table", "all")
+        """Every IPv4 routing table, as `ip` prints it: what "restored exactly" compares.
+
+        IPv4 only: the kernel adds IPv6 link-local routes on its own schedule after the link is up.
+        """
+        return self.ns.ip("-4", "route", "show", "table", "all")
 
     def default_route(self) -> str:
         return self.ns.ip("route", "show", "default").strip()
@@ -187,6 +190,7 @@ class Lab:
         self.allocation_id = ""
         self.timeline: list[dict[str, Any]] = []
         self._host_numbers = itertools.count(10)
+        self._ports = itertools.count()
         self._control = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._ec2: Any = None
 
@@ -235,7 +239,8 @@ class Lab:
     def holder(self) -> str | None:
         """The instance moto says holds the Elastic IP."""
         addresses = self.in_internet(lambda: self._ec2.describe_addresses(PublicIps=[EIP])["Addresses"])
-        return addresses[0].get("InstanceId") if addresses else None
+        # moto answers an empty InstanceId for an unassociated address.
+        return (addresses[0].get("InstanceId") or None) if addresses else None
 
     # -- logs and switches ----------------------------------------------------------------------
     def ec2_calls(self) -> list[dict[str, Any]]:
@@ -303,7 +308,8 @@ class Lab:
         instance_id = described["InstanceId"]
         mac = described["NetworkInterfaces"][0]["MacAddress"]
         ns = self.stack.enter_context(netns.netns(f"i{az_index}"))
-        port = f"i{len(self.instances)}-{az_index}"
+        # Never reused: a deleted namespace takes its veth peer with it only asynchronously.
+        port = f"i{next(self._ports)}-{az_index}"
         self.router.ip("link", "add", port, "type", "veth", "peer", "name", "ens5", "netns", ns.name)
         self.router.ip("link", "set", port, "master", f"br-{az_index}", "up")
         self._shape_like_al2023(ns, subnet, private_ip, mac)

@@ -1,0 +1,226 @@
+"""The heal, end to end in the VPC lab: the real payload, real routing, a real NAT, the EC2 API over HTTP.
+
+Each scenario asserts what a user cares about (the client in the internet reaches the service at the
+Elastic IP, or does not), that the instance's routing tables are exactly as before, and the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.lab import vpc
+
+pytestmark = pytest.mark.root
+
+NAT_UPLINKS = [vpc.nat_uplink_ip(0), vpc.nat_uplink_ip(1)]
+
+
+def calls_by(lab: vpc.Lab, instance: vpc.Instance, action: str | None = None) -> list[dict[str, object]]:
+    return [
+        c
+        for c in lab.ec2_calls()
+        if c["access_key"] == instance.access_key_id and (action is None or c["action"] == action)
+    ]
+
+
+def lifecycle_results(lab: vpc.Lab, instance: vpc.Instance) -> list[tuple[object, object]]:
+    """(result, source address) of every CompleteLifecycleAction the stand-in received for the instance."""
+    return [
+        (c["LifecycleActionResult"], c["src"])
+        for c in lab.lifecycle_calls()
+        if c.get("InstanceId") == instance.instance_id
+    ]
+
+
+def heal(lab: vpc.Lab, instance: vpc.Instance) -> vpc.PayloadRun:
+    before = instance.routes()
+    run = instance.run_payload()
+    assert run.returncode == 0, run.stderr
+    assert instance.routes() == before, run.stderr
+    assert lab.client_get() == instance.instance_id
+    return run
+
+
+def test_the_gateway_forwards_only_for_the_holder(lab: vpc.Lab) -> None:
+    """Before any heal, the instance is unreachable at the Elastic IP and cannot reach the API itself."""
+    instance = lab.boot(0)
+    assert lab.client_get(timeout=0.5) is None
+    reach = instance.ns.run("curl", "-s", "-m", "1", vpc.EC2_URL, check=False)
+    assert reach.returncode != 0  # no public address, no way out: the reason for the detour
+    assert (instance.private_ip, 8080) in lab.egress_attempts()
+
+
+def test_1_first_boot_takes_the_address(lab: vpc.Lab) -> None:
+    instance = lab.boot(0)
+    run = heal(lab, instance)
+    assert lab.holder() == instance.instance_id
+    # The API saw this instance through its own AZ's NAT, never directly.
+    sources = {c["src"] for c in calls_by(lab, instance)}
+    assert sources == {NAT_UPLINKS[0]}, run.stderr
+    assert len(calls_by(lab, instance, "AssociateAddress")) == 1
+    # CONTINUE arrived after the routes were restored: from the Elastic IP itself.
+    assert lifecycle_results(lab, instance) == [("CONTINUE", vpc.EIP)]
+    # Every metadata request went to the VPC's IMDS; the NAT's never heard from the instance.
+    assert any(r["src"] == instance.private_ip for r in lab.imds_log("router"))
+    assert not [r for r in lab.imds_log("nat0") if r["src"] == instance.private_ip]
+
+
+def test_2_replacement_in_the_other_az_takes_over(lab: vpc.Lab) -> None:
+    first = lab.boot(0)
+    heal(lab, first)
+    lab.kill(first)
+    assert lab.client_get(timeout=0.5) is None  # the outage the replacement ends
+    replacement = lab.boot(1)
+    heal(lab, replacement)
+    assert lab.holder() == replacement.instance_id
+    # The address moved while still associated with the dead instance: AllowReassociation did it,
+    # through the replacement's own AZ's NAT.
+    assert {c["src"] for c in calls_by(lab, replacement)} == {NAT_UPLINKS[1]}
+    assert len(calls_by(lab, replacement, "AssociateAddress")) == 1
+    assert lifecycle_results(lab, replacement) == [("CONTINUE", vpc.EIP)]
+
+
+def test_3_reboot_of_the_holder_changes_nothing(lab: vpc.Lab) -> None:
+    instance = lab.boot(0)
+    heal(lab, instance)
+    calls_before = len(lab.ec2_calls())
+    before = instance.routes()
+    monitor = instance.ns.popen(["ip", "-4", "monitor", "route"], stdout=subprocess.PIPE)
+    time.sleep(0.2)  # let the monitor subscribe before the run starts
+    run = instance.run_payload()
+    time.sleep(0.2)
+    os.killpg(monitor.pid, signal.SIGKILL)
+    route_events = monitor.communicate()[0].decode()
+    assert run.returncode == 0, run.stderr
+    assert route_events == "", f"routes changed during a reboot run:\n{route_events}"
+    assert instance.routes() == before
+    new_calls = lab.ec2_calls()[calls_before:]
+    assert not [c for c in new_calls if c["action"] == "AssociateAddress"]
+    # Whatever it asked went out through its Elastic IP, not through a NAT.
+    assert {c["src"] for c in new_calls} <= {vpc.EIP}
+    assert lab.client_get() == instance.instance_id
+
+
+def test_4_nat_down_fails_bounded_and_restores(lab: vpc.Lab) -> None:
+    lab.set_nat_down(0)
+    instance = lab.boot(0)
+    before = instance.routes()
+    run = instance.run_payload()
+    assert run.returncode == 75, run.stderr
+    assert run.seconds < vpc.LAB_DEADLINE_SECONDS + 5, run.stderr  # bounded by the deadline, not hung
+    assert instance.routes() == before, run.stderr
+    assert lab.holder() is None
+    assert lab.client_get(timeout=0.5) is None
+    # ABANDON was attempted after the restore; with no address and no NAT it cannot get out, which
+    # the gateway saw (and dropped) as a connection towards the Auto Scaling endpoint.
+    assert "ABANDON" in run.stderr
+    assert (instance.private_ip, 8081) in lab.egress_attempts()
+    assert lifecycle_results(lab, instance) == []
+
+
+def test_5_missing_imds_pin_is_caught_by_the_guard(lab: vpc.Lab) -> None:
+    """Without the pin, IMDS requests ride the detour to the NAT, whose own IMDS answers: the bug."""
+    instance = lab.boot(0)
+    before = instance.routes()
+    run = instance.run_payload(env={"EIP_RECLAIM_TEST_SKIP_PINS": "imds"})
+    assert run.returncode == 75, run.stderr
+    nat_heard = [r for r in lab.imds_log("nat0") if r["src"] == instance.private_ip]
+    assert any("instance-id" in str(r["path"]) and r["status"] == 200 for r in nat_heard), run.stderr
+    assert lab.nat_ids[0] in run.stderr  # the guard names the identity it was handed
+    assert instance.routes() == before
+    assert lab.holder() is None
+    assert not calls_by(lab, instance, "AssociateAddress")
+    assert lab.client_get(timeout=0.5) is None
+
+
+def test_6_sigkill_mid_detour_then_the_next_run_heals(lab: vpc.Lab) -> None:
+    instance = lab.boot(0)
+    before = instance.routes()
+    # Hold the first API call so the run sits in the detour long enough to be killed there.
+    lab.set_api_faults(delay={"DescribeAddresses": 30})
+    proc = instance.start_payload()
+    nat = str(instance.subnet.nat_ip)
+    vpc.wait_for(lambda: f"via {nat}" in instance.default_route(), "the detour", timeout=20)
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed = instance.finish(proc)
+    assert killed.returncode == -signal.SIGKILL
+    assert f"via {nat}" in instance.default_route()  # the kill left the detour in place
+    lab.set_api_faults()
+    run = instance.run_payload()
+    assert run.returncode == 0, run.stderr
+    assert instance.routes() == before, run.stderr
+    assert lab.client_get() == instance.instance_id
+    assert lab.holder() == instance.instance_id
+
+
+def test_7_throttling_is_retried(lab: vpc.Lab) -> None:
+    lab.set_api_faults(throttle_first=3)
+    instance = lab.boot(0)
+    run = heal(lab, instance)
+    throttled = [c for c in lab.ec2_calls() if c.get("fault") == "throttle"]
+    assert len(throttled) == 3, run.stderr
+    assert lab.holder() == instance.instance_id
+    assert lifecycle_results(lab, instance) == [("CONTINUE", vpc.EIP)]
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param({"error_first": 3, "status": 500}, id="errors"),
+        pytest.param({"error_first": 2, "status": 503, "delay": 0.2}, id="errors-and-slowness"),
+    ],
+)
+def test_8_imds_errors_and_slowness(lab: vpc.Lab, faults: dict[str, object]) -> None:
+    lab.set_imds_faults(**faults)
+    instance = lab.boot(0)
+    run = heal(lab, instance)
+    assert [r["status"] for r in lab.imds_log("router")][: int(str(faults["error_first"]))] == [
+        faults["status"]
+    ] * int(str(faults["error_first"])), run.stderr
+    assert lab.holder() == instance.instance_id
+
+
+def test_9_unauthorized_fails_fast_with_3(lab: vpc.Lab) -> None:
+    lab.set_api_faults(unauthorized=["AssociateAddress"])
+    instance = lab.boot(0)
+    before = instance.routes()
+    run = instance.run_payload()
+    assert run.returncode == 3, run.stderr
+    assert run.seconds < vpc.LAB_DEADLINE_SECONDS, run.stderr  # permanent: no retrying to the deadline
+    assert len(calls_by(lab, instance, "AssociateAddress")) == 1
+    assert instance.routes() == before
+    assert lab.holder() is None
+    assert lab.client_get(timeout=0.5) is None
+    assert (instance.private_ip, 8081) in lab.egress_attempts()  # ABANDON attempted
+
+
+def test_10_elastic_ip_gone_fails_with_3(lab: vpc.Lab) -> None:
+    lab.release_eip()
+    instance = lab.boot(0)
+    before = instance.routes()
+    run = instance.run_payload()
+    assert run.returncode == 3, run.stderr
+    assert run.seconds < vpc.LAB_DEADLINE_SECONDS, run.stderr
+    assert not calls_by(lab, instance, "AssociateAddress")
+    assert instance.routes() == before
+    assert lab.client_get(timeout=0.5) is None
+
+
+def test_11_overlap_during_a_refresh_the_newer_keeps_it(lab: vpc.Lab) -> None:
+    older = lab.boot(0)
+    heal(lab, older)
+    newer = lab.boot(1, launched_after=time.time())
+    heal(lab, newer)
+    # The older instance's timer fires while both run: it must yield, not take the address back.
+    before = older.routes()
+    run = older.run_payload()
+    assert run.returncode == 0, run.stderr
+    assert older.routes() == before
+    assert len(calls_by(lab, older, "AssociateAddress")) == 1  # only its own first heal
+    assert lab.holder() == newer.instance_id
+    assert lab.client_get() == newer.instance_id
