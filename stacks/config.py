@@ -16,7 +16,7 @@ CONTEXT_KEY = "eip-reclaim"
 # and short enough that "<prefix>-<name>" stays under CloudFormation's 128-character stack name limit.
 _SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
 _STACK_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,63}$")
-# EC2 instance types: family (letters, generation digit, optional attribute letters and "-flex"), a dot, a size.
+# EC2 instance types: a family (letters, generation, attribute letters, "-flex"), a dot, a size.
 _INSTANCE_TYPE = re.compile(r"^[a-z]+[0-9]+[a-z0-9-]*\.[a-z0-9]+$")
 # Graviton families carry a "g" among the attribute letters after the generation digit (t4g, c7gn, m6gd).
 _GRAVITON_FAMILY = re.compile(r"^[a-z]+[0-9]+[a-z]*g[a-z]*(-[a-z]+)?$")
@@ -134,7 +134,9 @@ def _network(raw: object) -> NetworkConfig:
             f"{key}.az_count",
             f"{az_count}: needs 2 to {_MAX_AZS} availability zones (the group fails over between them)",
         )
-    prefix = _integer(obj.get("subnet_prefix_length", default.subnet_prefix_length), f"{key}.subnet_prefix_length")
+    prefix = _integer(
+        obj.get("subnet_prefix_length", default.subnet_prefix_length), f"{key}.subnet_prefix_length"
+    )
     # /28 is the smallest subnet AWS allows; a subnet can be no larger than its share of the VPC.
     if not vpc.prefixlen < prefix <= 28:
         raise ConfigError(
@@ -147,14 +149,17 @@ def _network(raw: object) -> NetworkConfig:
             f"{key}.subnet_prefix_length",
             f"{needed} subnets of /{prefix} (a public and a private one per AZ) do not fit in {cidr}",
         )
-    nat_type = _instance_type(obj.get("nat_instance_type", default.nat_instance_type), f"{key}.nat_instance_type")
+    nat_type = _instance_type(
+        obj.get("nat_instance_type", default.nat_instance_type), f"{key}.nat_instance_type"
+    )
     retention = _integer(
         obj.get("flow_log_retention_days", default.flow_log_retention_days), f"{key}.flow_log_retention_days"
     )
     if retention not in _LOG_RETENTION_DAYS:
         raise ConfigError(
             f"{key}.flow_log_retention_days",
-            f"{retention} is not a CloudWatch Logs retention period ({', '.join(map(str, sorted(_LOG_RETENTION_DAYS)))})",
+            f"{retention} is not a CloudWatch Logs retention period "
+            f"({', '.join(map(str, sorted(_LOG_RETENTION_DAYS)))})",
         )
     return NetworkConfig(
         cidr=cidr,
@@ -186,7 +191,8 @@ def _service(raw: object, key: str) -> ServiceConfig:
         allocation_id = _string(allocation_id, f"{key}.allocation_id")
         if not _ALLOCATION_ID.match(allocation_id):
             raise ConfigError(
-                f"{key}.allocation_id", f"{allocation_id!r} is not an allocation id (eipalloc- and 8 or 17 hex digits)"
+                f"{key}.allocation_id",
+                f"{allocation_id!r} is not an allocation id (eipalloc- and 8 or 17 hex digits)",
             )
     root = _integer(obj.get("root_volume_gib", default.root_volume_gib), f"{key}.root_volume_gib")
     # Amazon Linux 2023's image needs 2 GiB; 16 TiB is gp3's ceiling.

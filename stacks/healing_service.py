@@ -221,7 +221,10 @@ class HealingServiceStack(Stack):
         if self.address.public_ip is not None:
             CfnOutput(self, "PublicIp", value=self.address.public_ip, description="The service's Elastic IP")
         CfnOutput(
-            self, "AllocationId", value=self.address.allocation_id, description="The Elastic IP's allocation id"
+            self,
+            "AllocationId",
+            value=self.address.allocation_id,
+            description="The Elastic IP's allocation id",
         )
         CfnOutput(
             self,

@@ -76,7 +76,8 @@ def acknowledge(network: NetworkStack, services: Sequence[HealingServiceStack]) 
             group.group,
             "AwsSolutions::AwsSolutions-AS3",
             "Each launch reports its outcome through the lifecycle hook (CONTINUE, or ABANDON and a "
-            "replacement), recorded in the group's activity history; a topic with no subscriber adds nothing.",
+            "replacement), recorded in the group's activity history; a topic with no subscriber "
+            "adds nothing.",
         )
         _ack(
             group.group,

@@ -78,7 +78,9 @@ class Network(Construct):
             restrict_default_security_group=False,
             # Free, and lets an instance without a public IPv4 fetch its payload from S3; by default it
             # is routed from every subnet's route table.
-            gateway_endpoints={"S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)},
+            gateway_endpoints={
+                "S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)
+            },
         )
         self.flow_log_group = logs.LogGroup(
             self,
@@ -117,4 +119,3 @@ class NetworkStack(Stack):
         # An env-agnostic stack offers only two AZs; select as many as configured from the deploy
         # region's list instead, still with no lookup at synth.
         return [Fn.select(i, Fn.get_azs()) for i in range(self._az_count)]
-

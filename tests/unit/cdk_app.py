@@ -1,0 +1,103 @@
+"""Synthesize the CDK app for tests exactly as `cdk synth` does: cdk.json's flags, the same `build`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aws_cdk as cdk
+from aws_cdk import assertions
+
+from stacks.assembly import Stacks, build
+from stacks.config import CONTEXT_KEY, AppConfig, parse
+
+REPO = Path(__file__).resolve().parents[2]
+CDK_JSON = json.loads((REPO / "cdk.json").read_text())
+DEFAULT_RAW: dict[str, Any] = CDK_JSON["context"][CONTEXT_KEY]
+FEATURE_FLAGS = {k: v for k, v in CDK_JSON["context"].items() if k != CONTEXT_KEY}
+
+# jsii runs Node from PATH: the venv's Node 24, as the Makefile sets it, not an older system one.
+_VENV_BIN = str(Path(sys.executable).parent)
+if not os.environ.get("PATH", "").startswith(_VENV_BIN):
+    os.environ["PATH"] = f"{_VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@dataclass(frozen=True)
+class Synthesized:
+    """An app as `cdk synth` writes it: the stacks, their templates and the validation report."""
+
+    config: AppConfig
+    stacks: Stacks
+    outdir: Path
+
+    def template(self, stack: cdk.Stack) -> assertions.Template:
+        return assertions.Template.from_json(self.template_json(stack))
+
+    def template_json(self, stack: cdk.Stack) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads((self.outdir / f"{stack.artifact_id}.template.json").read_text())
+        return body
+
+    def templates(self) -> dict[str, dict[str, Any]]:
+        return {p.name: json.loads(p.read_text()) for p in sorted(self.outdir.glob("*.template.json"))}
+
+    def validation_report(self) -> dict[str, Any]:
+        report: dict[str, Any] = json.loads((self.outdir / "validation-report.json").read_text())
+        return report
+
+    @property
+    def network(self) -> cdk.Stack:
+        return self.stacks.network
+
+    @property
+    def service(self) -> cdk.Stack:
+        return self.stacks.services[0]
+
+
+def synthesize(raw: dict[str, Any], outdir: Path) -> Synthesized:
+    """Build and synthesize the app for a raw configuration, with cdk-nag and CDK's validations."""
+    config = parse(raw)
+    app = cdk.App(context=FEATURE_FLAGS, outdir=str(outdir))
+    stacks = build(app, config)
+    app.synth()
+    return Synthesized(config=config, stacks=stacks, outdir=outdir)
+
+
+# A configuration that exercises what the default does not: three AZs, two services sharing the
+# network, an adopted address, an x86 instance type and a restricted ingress range.
+MULTI_RAW: dict[str, Any] = {
+    "stack_prefix": "Multi",
+    "network": {
+        "cidr": "10.20.0.0/20",
+        "az_count": 3,
+        "subnet_prefix_length": 26,
+        "nat_instance_type": "t3.nano",
+    },
+    "services": [
+        {"name": "web", "ingress_ports": [80, 443]},
+        {
+            "name": "smtp",
+            "instance_type": "t3.small",
+            "ingress_ports": [25],
+            "ingress_cidr": "192.0.2.0/24",
+            "allocation_id": "eipalloc-0123456789abcdef0",
+        },
+    ],
+}
+
+
+@functools.cache
+def default_app() -> Synthesized:
+    """The default app from cdk.json, synthesized once per test session."""
+    return synthesize(DEFAULT_RAW, Path(tempfile.mkdtemp(prefix="eipr-cdk-default-")))
+
+
+@functools.cache
+def multi_app() -> Synthesized:
+    """`MULTI_RAW`, synthesized once per test session."""
+    return synthesize(MULTI_RAW, Path(tempfile.mkdtemp(prefix="eipr-cdk-multi-")))

@@ -1,0 +1,109 @@
+"""Whole-app checks: cdk-nag AwsSolutions, IMDSv2 everywhere, cfn-lint on every synthesized template."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.cdk_app import Synthesized, default_app, multi_app
+
+# cfn-lint rules a template may ignore, each on the resources that carry it in their metadata, and why.
+CFN_LINT_IGNORED = {
+    "E1152": "NAT instances take ImageId 'resolve:ssm:<AL2023 parameter>', which EC2 resolves at launch "
+    "(cfn-lint knows only 'ami-...'): a new AMI then never replaces a NAT that holds a fixed address.",
+}
+
+
+@pytest.fixture(scope="module", params=["default", "multi"])
+def app(request: pytest.FixtureRequest) -> Synthesized:
+    return default_app() if request.param == "default" else multi_app()
+
+
+def test_cdk_nag_finds_nothing_unacknowledged(app: Synthesized) -> None:
+    # Synthesis would have failed on an unacknowledged finding; the report says so explicitly too.
+    report = app.validation_report()
+    conclusions = {plugin["pluginName"]: plugin["conclusion"] for plugin in report["pluginReports"]}
+    assert conclusions["AwsSolutions"] == "success"
+    for plugin in report["pluginReports"]:
+        assert plugin["violations"] == [], plugin["pluginName"]
+
+
+def test_every_acknowledgement_has_a_specific_reason(app: Synthesized) -> None:
+    # An acknowledgement without a reason (or with a stock one) hides a finding instead of explaining it.
+    acknowledged = [
+        s
+        for plugin in app.validation_report()["pluginReports"]
+        for s in plugin.get("suppressedViolations", [])
+    ]
+    assert acknowledged, "the app is expected to acknowledge some findings"
+    for finding in acknowledged:
+        assert len(finding["reason"]) > 40, finding["ruleName"]
+    rules = {f["acknowledgedId"].split("::", 1)[1] for f in acknowledged}
+    assert "AwsSolutions-EC23" not in rules or app.config.services[0].ingress_cidr == "0.0.0.0/0"
+
+
+def test_an_unacknowledged_finding_fails_synthesis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check has teeth: without the acknowledgements, `cdk synth` fails.
+    from stacks import nag
+    from tests.unit.cdk_app import DEFAULT_RAW, synthesize
+
+    monkeypatch.setattr(nag, "acknowledge", lambda *_: None)
+    with pytest.raises(RuntimeError, match=r"^ValidationFailed") as caught:
+        synthesize(DEFAULT_RAW, tmp_path)
+    assert "AwsSolutions-EC23" in str(caught.value)
+
+
+def _templates_with(app: Synthesized, type_: str) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (name, logical_id, resource)
+        for name, body in app.templates().items()
+        for logical_id, resource in body["Resources"].items()
+        if resource["Type"] == type_
+    ]
+
+
+def test_imdsv2_is_required_on_every_launch_template_and_instance(app: Synthesized) -> None:
+    # IMDSv1 would let any request forged through the instance read its role credentials.
+    templates = _templates_with(app, "AWS::EC2::LaunchTemplate")
+    instances = _templates_with(app, "AWS::EC2::Instance")
+    assert templates and instances
+    for name, logical_id, resource in templates:
+        options = resource["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+        assert options["HttpTokens"] == "required", (name, logical_id)
+        assert options["HttpPutResponseHopLimit"] == 1, (name, logical_id)
+    for name, logical_id, resource in instances:
+        assert "LaunchTemplate" not in resource["Properties"], (name, logical_id)
+        assert resource["Properties"]["MetadataOptions"]["HttpTokens"] == "required", (name, logical_id)
+    assert not _templates_with(app, "AWS::AutoScaling::LaunchConfiguration")
+
+
+def test_cfn_lint_passes_on_every_template(app: Synthesized) -> None:
+    # CloudFormation would reject (or misread) what cfn-lint flags; fail here rather than at deploy.
+    files = sorted(str(p) for p in app.outdir.glob("*.template.json"))
+    assert len(files) == 1 + len(app.config.services)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "cfn-lint"), "--format", "parseable", *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cfn_lint_ignores_only_the_listed_rules(app: Synthesized) -> None:
+    # Every rule a resource asks cfn-lint to skip is listed above with its reason.
+    ignored = {
+        rule
+        for body in app.templates().values()
+        for resource in body["Resources"].values()
+        for rule in resource.get("Metadata", {})
+        .get("cfn-lint", {})
+        .get("config", {})
+        .get("ignore_checks", [])
+    }
+    assert ignored == set(CFN_LINT_IGNORED)

@@ -1,0 +1,207 @@
+"""The configuration: defaults, what a user can set, and one clear line for every bad value."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stacks.config import ConfigError, NetworkConfig, ServiceConfig, from_context, is_graviton, parse
+from tests.unit.cdk_app import DEFAULT_RAW, MULTI_RAW, REPO
+
+
+def with_change(path: str, value: object) -> dict[str, Any]:
+    """The default configuration with one value replaced (`a.b[0].c` style paths)."""
+    raw = copy.deepcopy(DEFAULT_RAW)
+    *parents, last = path.replace("[", ".").replace("]", "").split(".")
+    node: Any = raw
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[int(last) if last.isdigit() else last] = value
+    return raw
+
+
+def test_the_embedded_default_is_two_azs_and_one_service() -> None:
+    # The default in cdk.json must synthesize anywhere: two AZs, one service, nothing account-specific.
+    config = parse(DEFAULT_RAW)
+    assert config.network == NetworkConfig()
+    assert config.network.az_count == 2
+    assert [s.name for s in config.services] == ["web"]
+    assert config.services[0].allocation_id is None
+
+
+def test_an_empty_object_means_all_defaults() -> None:
+    # Every key has a default: a user states only what differs.
+    config = parse({})
+    assert config.stack_prefix == "EipReclaim"
+    assert config.services == (ServiceConfig(name="web"),)
+
+
+def test_several_services_share_one_network_and_one_adopts_an_address() -> None:
+    # Each service has its own name, address, type and ports; an allocation id adopts an existing address.
+    config = parse(MULTI_RAW)
+    web, smtp = config.services
+    assert (web.name, web.ingress_ports, web.adopts_address) == ("web", (80, 443), False)
+    assert (smtp.instance_type, smtp.ingress_cidr, smtp.allocation_id) == (
+        "t3.small",
+        "192.0.2.0/24",
+        "eipalloc-0123456789abcdef0",
+    )
+    assert config.network.az_count == 3
+
+
+def test_the_config_is_frozen() -> None:
+    # Built once in app.py; nothing below may change it.
+    config = parse(DEFAULT_RAW)
+    with pytest.raises(AttributeError):
+        config.network.cidr = "10.1.0.0/16"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "arm64"),
+    [
+        ("t4g.nano", True),
+        ("c7gn.large", True),
+        ("m6gd.xlarge", True),
+        ("t3.micro", False),
+        ("m7i-flex.large", False),
+    ],
+)
+def test_the_image_architecture_follows_the_instance_type(instance_type: str, arm64: bool) -> None:
+    # A Graviton type with an x86 image (or the reverse) would never boot.
+    assert is_graviton(instance_type) is arm64
+
+
+def test_a_json_string_from_the_command_line_is_accepted() -> None:
+    # `cdk synth -c eip-reclaim='{...}'` passes the value as a string.
+    assert from_context(json.dumps(MULTI_RAW)) == parse(MULTI_RAW)
+
+
+# Each bad configuration and the key its one-line error must name.
+BAD_CONFIGS = {
+    "malformed CIDR": (
+        with_change("network.cidr", "10.0.0.0/33"),
+        "network.cidr: '10.0.0.0/33' is not an IPv4 CIDR",
+    ),
+    "host bits in CIDR": (
+        with_change("network.cidr", "10.0.0.1/16"),
+        "network.cidr: '10.0.0.1/16' is not an IPv4",
+    ),
+    "one AZ": (with_change("network.az_count", 1), "network.az_count: 1: needs 2 to 6 availability zones"),
+    "duplicate service names": (
+        with_change("services", [{"name": "web"}, {"name": "api"}, {"name": "web"}]),
+        "services[2].name: 'web' appears more than once",
+    ),
+    "bad allocation id": (
+        with_change("services[0].allocation_id", "eipalloc-xyz"),
+        "services[0].allocation_id: 'eipalloc-xyz' is not an allocation id",
+    ),
+    "unknown top-level key": (with_change("regoin", "x"), "eip-reclaim.regoin: unknown key"),
+    "unknown service key": (with_change("services[0].port", 443), "services[0].port: unknown key"),
+    "port out of range": (
+        with_change("services[0].ingress_ports", [443, 70000]),
+        "services[0].ingress_ports[1]: 70000",
+    ),
+    "subnets do not fit": (
+        with_change("network.cidr", "10.0.0.0/24"),
+        "network.subnet_prefix_length: /24 must lie between /25 and /28",
+    ),
+    "retention CloudWatch lacks": (
+        with_change("network.flow_log_retention_days", 31),
+        "network.flow_log_retention_days: 31",
+    ),
+    "string for a number": (
+        with_change("network.az_count", "2"),
+        "network.az_count: expected an integer, got a string",
+    ),
+    "same address twice": (
+        with_change(
+            "services",
+            [
+                {"name": "a", "allocation_id": "eipalloc-0123abcd"},
+                {"name": "b", "allocation_id": "eipalloc-0123abcd"},
+            ],
+        ),
+        "services[1].allocation_id: 'eipalloc-0123abcd' appears more than once",
+    ),
+    "bad instance type": (
+        with_change("services[0].instance_type", "t4g"),
+        "services[0].instance_type: 't4g' is not",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_value_is_one_line_naming_the_key(case: str) -> None:
+    # The user must see which key is wrong and why, on one line.
+    raw, expected = BAD_CONFIGS[case]
+    with pytest.raises(ConfigError) as caught:
+        parse(raw)
+    message = str(caught.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_context_that_is_not_json_names_the_context_key() -> None:
+    # A typo in `-c eip-reclaim=...` must not surface as a Python traceback.
+    with pytest.raises(ConfigError, match=r"^eip-reclaim: not valid JSON"):
+        from_context("{network: }")
+
+
+def _run_app(raw: object) -> subprocess.CompletedProcess[str]:
+    """Run app.py as the CDK CLI does: context in CDK_CONTEXT_JSON, output to a scratch directory."""
+    env = {
+        **os.environ,
+        "CDK_CONTEXT_JSON": json.dumps({"eip-reclaim": raw}),
+        "CDK_OUTDIR": "/tmp/eipr-bad-synth",
+    }
+    return subprocess.run(
+        [sys.executable, "app.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["malformed CIDR", "one AZ", "duplicate service names", "bad allocation id", "unknown service key"],
+)
+def test_the_app_fails_synth_with_that_line_and_no_stack_trace(case: str) -> None:
+    # What a user of `cdk synth` sees: exit non-zero, our one line on stderr, no Python or JavaScript trace.
+    raw, expected = BAD_CONFIGS[case]
+    done = _run_app(raw)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"eip-reclaim: bad configuration: {expected}"), lines[0]
+
+
+def test_the_cdk_cli_shows_the_line_without_a_javascript_stack_trace(tmp_path: Path) -> None:
+    # The real CLI: it adds only that the app exited non-zero.
+    cdk = shutil.which("cdk")
+    assert cdk, "the CDK CLI is installed by `make setup`"
+    bad = json.dumps(BAD_CONFIGS["one AZ"][0])
+    done = subprocess.run(
+        [cdk, "synth", "--no-notices", "--output", str(tmp_path / "out"), "-c", f"eip-reclaim={bad}"],
+        cwd=REPO,
+        env={**os.environ, "CDK_DISABLE_CLI_TELEMETRY": "true"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "eip-reclaim: bad configuration: network.az_count: 1: needs 2 to 6" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "    at " not in done.stderr

@@ -1,0 +1,339 @@
+"""HealingServiceStack: the Elastic IP, least-privilege role, launch template, group of one and its hook."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from aws_cdk.assertions import Match, Template
+
+from stacks.healing_service import ELASTIC_IP_LOGICAL_ID, LIFECYCLE_HOOK_NAME, SERVICE_TAG
+from stacks.payload_config import DEADLINE_SECONDS
+from tests.unit.cdk_app import Synthesized, default_app, multi_app
+
+REGION = "ap-southeast-2"
+ALLOCATION = "eipalloc-0fedcba9876543210"
+PARTITION_ARN = {"Ref": "AWS::Partition"}
+
+
+@pytest.fixture(scope="module")
+def app() -> Synthesized:
+    return default_app()
+
+
+@pytest.fixture(scope="module")
+def template(app: Synthesized) -> Template:
+    return app.template(app.service)
+
+
+def the(template: Template, type_: str) -> Any:
+    (resource,) = template.find_resources(type_).values()
+    return resource
+
+
+def logical_id_of(template: Template, type_: str) -> str:
+    (logical_id,) = template.find_resources(type_)
+    return str(logical_id)
+
+
+def test_the_elastic_ip_has_a_pinned_logical_id_and_is_retained(template: Template) -> None:
+    # Renaming or deleting this resource would release the address for good.
+    template.has_resource(
+        "AWS::EC2::EIP",
+        {"Properties": {"Domain": "vpc"}, "DeletionPolicy": "Retain", "UpdateReplacePolicy": "Retain"},
+    )
+    assert logical_id_of(template, "AWS::EC2::EIP") == ELASTIC_IP_LOGICAL_ID == "ElasticIp"
+
+
+def statements(template: Template) -> list[dict[str, Any]]:
+    policy = the(template, "AWS::IAM::Policy")
+    return policy["Properties"]["PolicyDocument"]["Statement"]  # type: ignore[no-any-return]
+
+
+def test_the_role_may_describe_addresses_anywhere_but_change_nothing_else_broadly(template: Template) -> None:
+    # DescribeAddresses has no resource type; every other action is scoped to this service.
+    by_sid = {s["Sid"]: s for s in statements(template)}
+    assert set(by_sid) == {
+        "FindTheAddress",
+        "TakeThisAddress",
+        "OnlyOntoThisServicesInstances",
+        "ReportTheLaunch",
+    }
+    assert by_sid["FindTheAddress"] == {
+        "Sid": "FindTheAddress",
+        "Action": "ec2:DescribeAddresses",
+        "Effect": "Allow",
+        "Resource": "*",
+    }
+    assert all(s["Effect"] == "Allow" for s in by_sid.values())
+    assert "Condition" not in by_sid["FindTheAddress"]
+
+
+def test_associate_address_only_on_this_address(template: Template) -> None:
+    # Another service's address, or any other in the account, is out of reach.
+    (statement,) = [s for s in statements(template) if s["Sid"] == "TakeThisAddress"]
+    assert statement["Action"] == "ec2:AssociateAddress"
+    assert statement["Resource"] == {
+        "Fn::Join": [
+            "",
+            [
+                "arn:",
+                PARTITION_ARN,
+                ":ec2:",
+                {"Ref": "AWS::Region"},
+                ":",
+                {"Ref": "AWS::AccountId"},
+                ":elastic-ip/",
+                {"Fn::GetAtt": [ELASTIC_IP_LOGICAL_ID, "AllocationId"]},
+            ],
+        ]
+    }
+
+
+def test_associate_address_only_onto_instances_tagged_for_this_service(template: Template) -> None:
+    # The role cannot move the address onto an instance of another service (or anyone's).
+    (statement,) = [s for s in statements(template) if s["Sid"] == "OnlyOntoThisServicesInstances"]
+    assert statement["Action"] == "ec2:AssociateAddress"
+    assert statement["Condition"] == {"StringEquals": {f"aws:ResourceTag/{SERVICE_TAG}": "web"}}
+    assert statement["Resource"]["Fn::Join"][1][-1] == ":instance/*"
+
+
+def test_complete_lifecycle_action_only_on_this_group(template: Template) -> None:
+    # The role can report the launch of its own group's instances, not steer other groups.
+    (statement,) = [s for s in statements(template) if s["Sid"] == "ReportTheLaunch"]
+    assert statement["Action"] == "autoscaling:CompleteLifecycleAction"
+    assert (
+        statement["Resource"]["Fn::Join"][1][-1] == ":autoScalingGroup:*:autoScalingGroupName/EipReclaim-web"
+    )
+
+
+def test_operators_get_session_manager_and_nothing_more_managed(template: Template) -> None:
+    # SSM core access instead of SSH; no other AWS managed policy.
+    template.has_resource_properties(
+        "AWS::IAM::Role",
+        {
+            "AssumeRolePolicyDocument": {
+                "Statement": [
+                    {
+                        "Action": "sts:AssumeRole",
+                        "Effect": "Allow",
+                        "Principal": {"Service": "ec2.amazonaws.com"},
+                    }
+                ],
+                "Version": "2012-10-17",
+            },
+            "ManagedPolicyArns": [
+                {"Fn::Join": ["", ["arn:", PARTITION_ARN, ":iam::aws:policy/AmazonSSMManagedInstanceCore"]]}
+            ],
+        },
+    )
+
+
+def test_the_security_group_opens_only_the_configured_ports(template: Template) -> None:
+    # Port 443 from anywhere for the default web service, nothing else inbound.
+    group = the(template, "AWS::EC2::SecurityGroup")
+    assert group["Properties"]["SecurityGroupIngress"] == [
+        {
+            "CidrIp": "0.0.0.0/0",
+            "Description": "service port 443",
+            "FromPort": 443,
+            "IpProtocol": "tcp",
+            "ToPort": 443,
+        }
+    ]
+
+
+def test_the_launch_template_boots_al2023_without_a_public_ip_and_with_imdsv2(template: Template) -> None:
+    # No public IPv4 (the address is its only way out), IMDSv2 with one hop, an encrypted root volume.
+    template.has_resource_properties(
+        "AWS::EC2::LaunchTemplate",
+        {
+            "LaunchTemplateData": Match.object_like(
+                {
+                    "InstanceType": "t4g.micro",
+                    "MetadataOptions": {
+                        "HttpEndpoint": "enabled",
+                        "HttpTokens": "required",
+                        "HttpPutResponseHopLimit": 1,
+                    },
+                    "NetworkInterfaces": [
+                        {"DeviceIndex": 0, "AssociatePublicIpAddress": False, "Groups": Match.any_value()}
+                    ],
+                    "BlockDeviceMappings": [
+                        {
+                            "DeviceName": "/dev/xvda",
+                            "Ebs": {
+                                "DeleteOnTermination": True,
+                                "Encrypted": True,
+                                "VolumeSize": 8,
+                                "VolumeType": "gp3",
+                            },
+                        }
+                    ],
+                }
+            )
+        },
+    )
+    (image_parameter,) = [p for p in template.to_json()["Parameters"] if p.startswith("SsmParameterValue")]
+    assert template.to_json()["Parameters"][image_parameter]["Default"] == (
+        "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-6.1-arm64"
+    )
+
+
+def test_the_group_keeps_exactly_one_instance_over_the_public_subnet_of_every_az(
+    app: Synthesized, template: Template
+) -> None:
+    # min = max = desired = 1; any AZ can host the replacement, always in a public subnet.
+    group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "1", "1")
+    assert group["AutoScalingGroupName"] == "EipReclaim-web"
+    network = app.template_json(app.network)
+    zone_outputs = [
+        network["Outputs"][ref["Fn::GetStackOutput"]["OutputName"]]["Value"]
+        for ref in group["VPCZoneIdentifier"]
+    ]
+    public = [
+        {"Ref": logical_id}
+        for logical_id, r in network["Resources"].items()
+        if r["Type"] == "AWS::EC2::Subnet"
+        and {"Key": "aws-cdk:subnet-type", "Value": "Public"} in r["Properties"]["Tags"]
+    ]
+    assert sorted(zone_outputs, key=str) == sorted(public, key=str) and len(public) == 2
+
+
+def test_instances_are_tagged_for_this_service_at_launch(template: Template) -> None:
+    # The tag the role's AssociateAddress condition checks.
+    group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    assert {"Key": SERVICE_TAG, "Value": "web", "PropagateAtLaunch": True} in group["Tags"]
+
+
+def test_the_launch_hook_holds_every_instance_and_abandons_by_default(template: Template) -> None:
+    # Part of the group itself so the first instance waits too; an instance that never reports is replaced.
+    group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    assert group["LifecycleHookSpecificationList"] == [
+        {
+            "LifecycleHookName": LIFECYCLE_HOOK_NAME,
+            "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "DefaultResult": "ABANDON",
+            "HeartbeatTimeout": DEADLINE_SECONDS + 60,
+        }
+    ]
+    template.resource_count_is("AWS::AutoScaling::LifecycleHook", 0)
+
+
+def render(value: Any, network: dict[str, Any]) -> str:
+    """A template expression as the deploy would render it, with stand-ins for region, ids and imports."""
+    if isinstance(value, str):
+        return value
+    if "Fn::Join" in value:
+        sep, parts = value["Fn::Join"]
+        return str(sep).join(render(part, network) for part in parts)
+    if value == {"Ref": "AWS::Region"}:
+        return REGION
+    if value == {"Fn::GetAtt": [ELASTIC_IP_LOGICAL_ID, "AllocationId"]}:
+        return ALLOCATION
+    if "Fn::GetStackOutput" in value:
+        exported = network["Outputs"][value["Fn::GetStackOutput"]["OutputName"]]["Value"]
+        return f"subnet-{exported['Ref']}"
+    raise AssertionError(f"unexpected expression in user data: {value}")
+
+
+def payload_config_of(template: Template, network: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object the user data writes to /etc/eip-reclaim/config.json."""
+    user_data = the(template, "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["UserData"][
+        "Fn::Base64"
+    ]
+    script = render(user_data, network)
+    (line,) = [line for line in script.splitlines() if line.startswith('{"')]
+    return json.loads(line)  # type: ignore[no-any-return]
+
+
+def nat_ip_by_subnet(network: dict[str, Any]) -> dict[str, str]:
+    """From the network template itself: public subnet logical id -> its NAT instance's private IPv4."""
+    found = {}
+    for resource in network["Resources"].values():
+        if resource["Type"] == "AWS::EC2::Instance":
+            (interface,) = resource["Properties"]["NetworkInterfaces"]
+            found[f"subnet-{interface['SubnetId']['Ref']}"] = interface["PrivateIpAddress"]
+    return found
+
+
+def test_user_data_carries_the_payload_config_with_the_generated_subnet_nat_map(
+    app: Synthesized, template: Template
+) -> None:
+    # The contract in DESIGN.md; the map comes from the network's own NAT instances, never typed by hand.
+    network = app.template_json(app.network)
+    config = payload_config_of(template, network)
+    assert config == {
+        "version": 1,
+        "region": REGION,
+        "allocation_id": ALLOCATION,
+        "nat_by_subnet": nat_ip_by_subnet(network),
+        "lifecycle_hook": {"auto_scaling_group": "EipReclaim-web", "hook": LIFECYCLE_HOOK_NAME},
+        "deadline_seconds": DEADLINE_SECONDS,
+    }
+    assert sorted(config["nat_by_subnet"].values()) == ["10.0.0.4", "10.0.1.4"]
+
+
+def test_outputs_give_the_address_its_allocation_and_the_group(template: Template) -> None:
+    # What an operator needs after `cdk deploy`.
+    template.has_output("PublicIp", {"Value": {"Fn::GetAtt": [ELASTIC_IP_LOGICAL_ID, "PublicIp"]}})
+    template.has_output("AllocationId", {"Value": {"Fn::GetAtt": [ELASTIC_IP_LOGICAL_ID, "AllocationId"]}})
+    template.has_output("AutoScalingGroupName", {"Value": "EipReclaim-web"})
+
+
+@pytest.fixture(scope="module")
+def multi() -> Synthesized:
+    return multi_app()
+
+
+class TestSeveralServicesAndAnAdoptedAddress:
+    """Two services in one network; the second adopts an existing allocation."""
+
+    def test_one_stack_per_service_sharing_the_network(self, multi: Synthesized) -> None:
+        # Each service is deployed and destroyed on its own; the network is shared.
+        names = sorted(multi.templates())
+        assert names == ["Multi-Network.template.json", "Multi-smtp.template.json", "Multi-web.template.json"]
+
+    def test_an_adopted_address_is_used_not_created(self, multi: Synthesized) -> None:
+        # Adoption must not allocate a second address, and the role is scoped to the adopted one.
+        smtp = multi.template(multi.stacks.services[1])
+        smtp.resource_count_is("AWS::EC2::EIP", 0)
+        (statement,) = [s for s in statements(smtp) if s["Sid"] == "TakeThisAddress"]
+        assert statement["Resource"]["Fn::Join"][1][-1] == ":elastic-ip/eipalloc-0123456789abcdef0"
+        config = payload_config_of(smtp, multi.template_json(multi.network))
+        assert config["allocation_id"] == "eipalloc-0123456789abcdef0"
+        assert len(config["nat_by_subnet"]) == 3
+        smtp.has_output("AllocationId", {"Value": "eipalloc-0123456789abcdef0"})
+        assert "PublicIp" not in smtp.to_json()["Outputs"]
+
+    def test_each_service_has_its_own_type_ports_tag_and_group(self, multi: Synthesized) -> None:
+        # Nothing leaks between services: ports, instance type, the role's tag condition.
+        web, smtp = (multi.template(s) for s in multi.stacks.services)
+        smtp.has_resource_properties(
+            "AWS::EC2::LaunchTemplate",
+            {"LaunchTemplateData": Match.object_like({"InstanceType": "t3.small"})},
+        )
+        assert [
+            r["FromPort"] for r in the(web, "AWS::EC2::SecurityGroup")["Properties"]["SecurityGroupIngress"]
+        ] == [80, 443]
+        assert the(smtp, "AWS::EC2::SecurityGroup")["Properties"]["SecurityGroupIngress"] == [
+            {
+                "CidrIp": "192.0.2.0/24",
+                "Description": "service port 25",
+                "FromPort": 25,
+                "IpProtocol": "tcp",
+                "ToPort": 25,
+            }
+        ]
+        (condition,) = [
+            s["Condition"] for s in statements(smtp) if s["Sid"] == "OnlyOntoThisServicesInstances"
+        ]
+        assert condition == {"StringEquals": {f"aws:ResourceTag/{SERVICE_TAG}": "smtp"}}
+        assert (
+            the(smtp, "AWS::AutoScaling::AutoScalingGroup")["Properties"]["AutoScalingGroupName"]
+            == "Multi-smtp"
+        )
+        (parameter,) = [p for p in smtp.to_json()["Parameters"] if p.startswith("SsmParameterValue")]
+        assert smtp.to_json()["Parameters"][parameter]["Default"].endswith("-x86_64")
