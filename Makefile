@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
 	@echo "==> creating $(VENV) and installing pinned dependencies"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check pip==26.3
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@echo "==> installing the CDK CLI $(CDK_CLI_VERSION) with the venv's Node.js $$($(VENV)/bin/node --version)"
 	$(VENV)/bin/npm install --global --prefix $(VENV) --no-fund --no-audit --loglevel=error aws-cdk@$(CDK_CLI_VERSION)
@@ -28,7 +28,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 ## synth: set up, then synthesize every stack of the embedded default configuration into cdk.out/
 synth: setup
-	@t0=$$(date +%s%N); cdk synth --all --quiet --no-notices && \
+	@t0=$$(date +%s%N); cdk synth --quiet --no-notices && \
 	  echo "==> synthesized in $$(( ($$(date +%s%N) - t0) / 1000000 )) ms:" && ls -1 cdk.out/*.template.json
 
 ## lint: ruff, formatting, mypy, and the payload's Python 3.9 floor
