@@ -1,0 +1,302 @@
+"""Small fakes for the payload's injected dependencies (clock, IMDS, netlink, EC2), and their own checks.
+
+The netlink fake follows the kernel's IPv4 rules that the payload relies on: a route's key is
+(table, dst, metric); `add` of an existing key fails with EEXIST; `replace` swaps the route with the
+same key or adds it; `del` matches the attributes given and fails with ESRCH when none matches.
+tests/kernel runs the same operations against the real kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from botocore.exceptions import ClientError
+
+from bootstrap import reclaim
+from bootstrap.imds import Credentials, Identity, ImdsError
+from bootstrap.routes import Route, RouteError
+from bootstrap.state import Journal
+
+SELF = "i-0123456789abcdef0"
+OTHER = "i-0fedcba9876543210"
+MAC = "02:00:0a:00:00:0a"
+ALLOCATION = "eipalloc-0123456789abcdef0"
+EIP = "198.51.100.7"
+IFINDEX = 7
+SUBNET = "subnet-0aaa"
+
+DHCP_DEFAULT = Route(
+    dst="0.0.0.0/0", gateway="10.0.0.1", oif=IFINDEX, priority=512, proto=16, prefsrc="10.0.0.10"
+)
+AL2023_TABLE = [
+    DHCP_DEFAULT,
+    Route(dst="10.0.0.0/24", oif=IFINDEX, priority=512, proto=2, scope=253, prefsrc="10.0.0.10"),
+    Route(dst="10.0.0.1/32", oif=IFINDEX, priority=512, proto=16, scope=253, prefsrc="10.0.0.10"),
+    Route(dst="10.0.0.2/32", gateway="10.0.0.1", oif=IFINDEX, priority=512, proto=16, prefsrc="10.0.0.10"),
+]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _key(route: Route) -> tuple[int, str, int]:
+    return (route.table, route.dst, route.priority)
+
+
+class _FakeNetlinkError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def route_failure(command: str, route: Route, code: int) -> RouteError:
+    err = RouteError(f"routes: {command} {route.describe()}: errno {code}")
+    err.__cause__ = _FakeNetlinkError(code)
+    return err
+
+
+class FakeNetlink:
+    """The main table as a list; `calls` records every change, `fail_on` makes one operation fail."""
+
+    def __init__(self, table: list[Route] | None = None, links: dict[str, int] | None = None) -> None:
+        self.table = list(AL2023_TABLE if table is None else table)
+        self.links = {MAC: IFINDEX} if links is None else links
+        self.calls: list[tuple[str, Route]] = []
+        self.fail_on: dict[str, int] = {}
+        self.on_change: Callable[[str, Route], None] = lambda command, route: None
+
+    def link_index(self, mac: str) -> int | None:
+        return self.links.get(mac)
+
+    def routes(self, table: int) -> list[Route]:
+        return [r for r in self.table if r.table == table]
+
+    def _record(self, command: str, route: Route) -> None:
+        self.calls.append((command, route))
+        if command in self.fail_on:
+            raise route_failure(command, route, self.fail_on[command])
+        self.on_change(command, route)
+
+    def add(self, route: Route) -> None:
+        self._record("add", route)
+        if any(_key(r) == _key(route) for r in self.table):
+            raise route_failure("add", route, errno.EEXIST)
+        self.table.append(route)
+
+    def replace(self, route: Route) -> None:
+        self._record("replace", route)
+        for i, r in enumerate(self.table):
+            if _key(r) == _key(route):
+                self.table[i] = route
+                return
+        self.table.append(route)
+
+    def delete(self, route: Route) -> bool:
+        self._record("delete", route)
+        for i, r in enumerate(self.table):
+            if r == route:
+                del self.table[i]
+                return True
+        return False
+
+    def changes(self) -> list[tuple[str, Route]]:
+        return list(self.calls)
+
+    @contextmanager
+    def open(self) -> Iterator[FakeNetlink]:
+        yield self
+
+
+@dataclass
+class FakeImds:
+    identity_value: Identity = field(
+        default_factory=lambda: Identity(SELF, MAC, SUBNET, "10.0.0.0/24", ("10.0.0.0/16",), None)
+    )
+    # What instance-id answers after the first read (the guard's read during the detour).
+    later_instance_ids: list[str] = field(default_factory=list)
+    creds: Credentials | None = field(
+        default_factory=lambda: Credentials("ASIAFAKE", "fake-secret-never-logged", "fake-token-never-logged")
+    )
+    fail_identity: Exception | None = None
+    fail_guard: Exception | None = None
+    reads: int = 0
+
+    def identity(self) -> Identity:
+        if self.fail_identity:
+            raise self.fail_identity
+        self.reads += 1
+        return self.identity_value
+
+    def instance_id(self) -> str:
+        if self.fail_guard:
+            raise self.fail_guard
+        if self.later_instance_ids:
+            return self.later_instance_ids.pop(0)
+        return self.identity_value.instance_id
+
+    def credentials(self) -> Credentials | None:
+        return self.creds
+
+
+def client_error(code: str, status: int = 400, operation: str = "Op") -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation
+    )
+
+
+class FakeEc2:
+    """Addresses and instances in dicts; `errors[op]` are raised by the next calls of `op`, in order."""
+
+    def __init__(self, holder: str | None = OTHER) -> None:
+        self.address: dict[str, Any] = {"AllocationId": ALLOCATION, "PublicIp": EIP}
+        if holder:
+            self.address["InstanceId"] = holder
+        self.instances: dict[str, dict[str, Any]] = {}
+        self.errors: dict[str, list[Exception]] = {}
+        self.calls: list[str] = []
+        self.before_call: Callable[[str], None] = lambda op: None
+
+    def _enter(self, op: str) -> None:
+        self.calls.append(op)
+        self.before_call(op)
+        pending = self.errors.get(op)
+        if pending:
+            raise pending.pop(0)
+
+    def describe_addresses(self, AllocationIds: list[str]) -> dict[str, Any]:
+        self._enter("DescribeAddresses")
+        if AllocationIds != [ALLOCATION]:
+            raise client_error("InvalidAllocationID.NotFound")
+        return {"Addresses": [dict(self.address)]}
+
+    def describe_instances(self, Filters: list[dict[str, Any]]) -> dict[str, Any]:
+        self._enter("DescribeInstances")
+        ids = Filters[0]["Values"]
+        found = [self.instances[i] for i in ids if i in self.instances]
+        return {"Reservations": [{"Instances": found}]}
+
+    def associate_address(
+        self, AllocationId: str, InstanceId: str, AllowReassociation: bool
+    ) -> dict[str, Any]:
+        self._enter("AssociateAddress")
+        assert AllowReassociation is True
+        self.address["InstanceId"] = InstanceId
+        return {"AssociationId": "eipassoc-0123"}
+
+
+class FakeAutoScaling:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.completed: list[dict[str, str]] = []
+        self.error = error
+
+    def complete_lifecycle_action(self, **kwargs: str) -> dict[str, Any]:
+        if self.error:
+            raise self.error
+        self.completed.append(kwargs)
+        return {}
+
+
+class FakeClients:
+    def __init__(self, ec2: FakeEc2, autoscaling: FakeAutoScaling | None = None) -> None:
+        self.ec2_client = ec2
+        self.autoscaling_client = autoscaling or FakeAutoScaling()
+        self.made: list[tuple[str, str | None, Credentials | None]] = []
+
+    def ec2(self, endpoint_url: str | None, credentials: Credentials | None) -> Any:
+        self.made.append(("ec2", endpoint_url, credentials))
+        return self.ec2_client
+
+    def autoscaling(self, endpoint_url: str | None, credentials: Credentials | None) -> Any:
+        self.made.append(("autoscaling", endpoint_url, credentials))
+        return self.autoscaling_client
+
+
+@dataclass
+class Rig:
+    """One payload run's world of fakes, plus the config file it reads."""
+
+    tmp: Path
+    clock: FakeClock = field(default_factory=FakeClock)
+    imds: FakeImds = field(default_factory=FakeImds)
+    netlink: FakeNetlink = field(default_factory=FakeNetlink)
+    ec2: FakeEc2 = field(default_factory=FakeEc2)
+    autoscaling: FakeAutoScaling = field(default_factory=FakeAutoScaling)
+    skip_pins: frozenset[str] = frozenset()
+
+    def config(self, **overrides: Any) -> str:
+        document: dict[str, Any] = {
+            "version": 1,
+            "region": "ap-southeast-2",
+            "allocation_id": ALLOCATION,
+            "nat_by_subnet": {SUBNET: "10.0.0.4", "subnet-0bbb": "10.0.1.4"},
+            "lifecycle_hook": {"auto_scaling_group": "svc-asg", "hook": "svc-launch"},
+            "deadline_seconds": 240,
+        }
+        document.update(overrides)
+        document = {k: v for k, v in document.items() if v is not None}
+        path = self.tmp / "config.json"
+        path.write_text(json.dumps(document))
+        return str(path)
+
+    @property
+    def journal(self) -> Journal:
+        return Journal(str(self.tmp / "state"))
+
+    def deps(self) -> reclaim.Deps:
+        import random
+
+        return reclaim.Deps(
+            clock=self.clock,
+            imds=self.imds,
+            netlink=self.netlink.open,
+            clients=FakeClients(self.ec2, self.autoscaling),
+            journal=self.journal,
+            skip_pins=self.skip_pins,
+            rng=random.Random(7),
+        )
+
+    def main(self, *args: str, config: str | None = None) -> int:
+        from bootstrap.cli import main
+
+        return main(["--config", config or self.config(), *args], deps=self.deps())
+
+
+# The fakes' own checks: they must behave as the kernel does where the payload depends on it.
+
+
+def test_fake_netlink_add_of_an_existing_key_fails_like_the_kernel() -> None:
+    nl = FakeNetlink()
+    with pytest.raises(RouteError) as caught:
+        nl.add(replace(DHCP_DEFAULT, gateway="10.0.0.4"))
+    assert getattr(caught.value.__cause__, "code", None) == errno.EEXIST
+
+
+def test_fake_netlink_replace_keys_on_dst_and_metric() -> None:
+    nl = FakeNetlink()
+    nl.replace(replace(DHCP_DEFAULT, gateway="10.0.0.4"))
+    nl.replace(replace(DHCP_DEFAULT, gateway="10.0.0.5", priority=0))
+    gateways = sorted((r.priority, r.gateway) for r in nl.table if r.dst == "0.0.0.0/0")
+    assert gateways == [(0, "10.0.0.5"), (512, "10.0.0.4")]
+
+
+def test_fake_imds_errors_are_raised() -> None:
+    imds = FakeImds(fail_identity=ImdsError("down"))
+    with pytest.raises(ImdsError):
+        imds.identity()

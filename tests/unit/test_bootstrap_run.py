@@ -1,0 +1,469 @@
+"""Every branch of one run, through `main()`, with small fakes: exit code, routes, API calls, lifecycle."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+from bootstrap.errors import ReclaimError
+from bootstrap.imds import ImdsError
+from bootstrap.routes import DetourPlan, Route
+from bootstrap.state import Lock
+from tests.unit.test_bootstrap_fakes import (
+    AL2023_TABLE,
+    EIP,
+    IFINDEX,
+    OTHER,
+    SELF,
+    FakeAutoScaling,
+    FakeClock,
+    FakeEc2,
+    Rig,
+    client_error,
+    route_failure,
+)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp=tmp_path)
+
+
+def _default(rig: Rig) -> Route:
+    return next(r for r in rig.netlink.table if r.dst == "0.0.0.0/0")
+
+
+def test_success_detours_claims_restores_and_continues(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    seen_during: list[Route] = []
+    rig.ec2.before_call = lambda op: seen_during.append(_default(rig))
+
+    assert rig.main() == 0
+
+    assert rig.netlink.table == AL2023_TABLE
+    assert rig.ec2.calls == [
+        "DescribeAddresses",
+        "DescribeInstances",
+        "AssociateAddress",
+        "DescribeAddresses",
+    ]
+    assert rig.ec2.address["InstanceId"] == SELF
+    # Every API call went out through the NAT, with the DHCP route's metric, protocol and source.
+    assert {(r.gateway, r.priority, r.proto, r.prefsrc) for r in seen_during} == {
+        ("10.0.0.4", 512, 16, "10.0.0.10")
+    }
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["CONTINUE"]
+    assert not Path(rig.journal.path).exists()
+    err = capsys.readouterr().err
+    assert "fake-secret-never-logged" not in err and "fake-token-never-logged" not in err
+
+
+def test_pins_are_added_via_the_router_and_only_they_are_removed(rig: Rig) -> None:
+    rig.main()
+    added = [r for op, r in rig.netlink.calls if op == "add"]
+    deleted = [r for op, r in rig.netlink.calls if op == "delete"]
+    assert [r.dst for r in added] == [
+        "169.254.169.254/32",
+        "169.254.169.253/32",
+        "169.254.169.123/32",
+        "10.0.0.0/16",
+    ]
+    assert {(r.gateway, r.oif) for r in added} == {("10.0.0.1", IFINDEX)}
+    assert deleted == added
+
+
+def test_a_pin_that_already_exists_is_left_alone(rig: Rig) -> None:
+    theirs = Route(dst="169.254.169.254/32", gateway="10.0.0.1", oif=IFINDEX, priority=512, proto=16)
+    rig.netlink.table.append(theirs)
+    before = list(rig.netlink.table)
+    assert rig.main() == 0
+    assert rig.netlink.table == before
+    assert all(r.dst != "169.254.169.254/32" for op, r in rig.netlink.calls if op in ("add", "delete"))
+
+
+def test_public_ipv4_means_no_detour(rig: Rig) -> None:
+    rig.imds.identity_value = replace(rig.imds.identity_value, public_ipv4="203.0.113.9")
+    assert rig.main() == 0
+    assert rig.netlink.calls == []
+    assert rig.ec2.address["InstanceId"] == SELF
+
+
+def test_already_held_with_the_eip_as_public_ipv4_makes_no_write_and_no_route_change(rig: Rig) -> None:
+    rig.ec2 = FakeEc2(holder=SELF)
+    rig.imds.identity_value = replace(rig.imds.identity_value, public_ipv4=EIP)
+    assert rig.main() == 0
+    assert rig.netlink.calls == []
+    assert rig.ec2.calls == ["DescribeAddresses"]
+
+
+def test_already_held_without_public_ipv4_yet_makes_no_write(rig: Rig) -> None:
+    rig.ec2 = FakeEc2(holder=SELF)
+    assert rig.main() == 0
+    assert rig.ec2.calls == ["DescribeAddresses"]
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_unassociated_address_is_taken_without_describing_instances(rig: Rig) -> None:
+    rig.ec2 = FakeEc2(holder=None)
+    assert rig.main() == 0
+    assert rig.ec2.calls == ["DescribeAddresses", "AssociateAddress", "DescribeAddresses"]
+
+
+def _member(
+    instance_id: str, launched: str, group: str = "svc-asg", state: str = "running"
+) -> dict[str, object]:
+    return {
+        "InstanceId": instance_id,
+        "LaunchTime": launched,
+        "State": {"Name": state},
+        "Tags": [{"Key": "aws:autoscaling:groupName", "Value": group}],
+    }
+
+
+def test_yields_to_a_newer_member_of_the_same_group(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig.ec2.instances = {
+        SELF: _member(SELF, "2026-01-01T00:00:00Z"),
+        OTHER: _member(OTHER, "2026-01-02T00:00:00Z"),
+    }
+    assert rig.main() == 0
+    assert "AssociateAddress" not in rig.ec2.calls
+    assert rig.ec2.address["InstanceId"] == OTHER
+    assert rig.netlink.table == AL2023_TABLE
+    assert f"yielding to newer instance {OTHER}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        _member(OTHER, "2025-12-31T00:00:00Z"),  # older member
+        _member(OTHER, "2026-01-02T00:00:00Z", group="another-asg"),  # newer, another group
+        _member(OTHER, "2026-01-02T00:00:00Z", state="shutting-down"),  # newer but going away
+        None,  # gone from the API
+    ],
+)
+def test_takes_it_from_anyone_but_a_running_newer_member(rig: Rig, theirs: dict[str, object] | None) -> None:
+    rig.ec2.instances = {SELF: _member(SELF, "2026-01-01T00:00:00Z")}
+    if theirs:
+        rig.ec2.instances[OTHER] = theirs
+    assert rig.main() == 0
+    assert rig.ec2.address["InstanceId"] == SELF
+
+
+@pytest.mark.parametrize("code", ["UnauthorizedOperation", "AuthFailure", "InvalidAllocationID.NotFound"])
+@pytest.mark.parametrize("op", ["DescribeAddresses", "AssociateAddress"])
+def test_permanent_errors_fail_fast_with_3_and_abandon(rig: Rig, code: str, op: str) -> None:
+    rig.ec2.errors[op] = [client_error(code)]
+    assert rig.main() == 3
+    assert rig.clock.slept == []
+    assert rig.netlink.table == AL2023_TABLE
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+
+
+def test_unknown_allocation_is_3(rig: Rig) -> None:
+    assert rig.main(config=rig.config(allocation_id="eipalloc-0000000000000dead")) == 3
+    assert rig.netlink.table == AL2023_TABLE
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        client_error("RequestLimitExceeded"),
+        client_error("Throttling"),
+        client_error("InternalError", 500),
+        client_error("SomethingNew", 503),
+        EndpointConnectionError(endpoint_url="https://ec2"),
+        ReadTimeoutError(endpoint_url="https://ec2"),
+    ],
+)
+def test_transient_errors_are_retried_with_backoff(rig: Rig, error: Exception) -> None:
+    rig.ec2.errors["AssociateAddress"] = [error, error, error]
+    assert rig.main() == 0
+    assert rig.ec2.calls.count("AssociateAddress") == 4
+    assert len(rig.clock.slept) == 3
+    assert all(0 <= s <= 5 for s in rig.clock.slept)
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_throttled_until_the_deadline_exits_75_restores_and_abandons(rig: Rig) -> None:
+    rig.ec2.errors["DescribeAddresses"] = [client_error("RequestLimitExceeded")] * 10_000
+    assert rig.main(config=rig.config(deadline_seconds=30)) == 75
+    assert sum(rig.clock.slept) < 30
+    assert rig.netlink.table == AL2023_TABLE
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+
+
+def test_other_client_errors_are_not_retried(rig: Rig) -> None:
+    rig.ec2.errors["AssociateAddress"] = [client_error("InvalidParameterValue")]
+    assert rig.main() == 3
+    assert rig.ec2.calls.count("AssociateAddress") == 1
+
+
+def test_verify_waits_for_eventual_consistency(rig: Rig) -> None:
+    calls = {"n": 0}
+    real = rig.ec2.describe_addresses
+
+    def lagging(AllocationIds: list[str]) -> dict[str, object]:
+        reply = real(AllocationIds=AllocationIds)
+        calls["n"] += 1
+        if "AssociateAddress" in rig.ec2.calls and calls["n"] < 4:
+            reply["Addresses"][0]["InstanceId"] = OTHER
+        return reply
+
+    rig.ec2.describe_addresses = lagging  # type: ignore[method-assign]
+    assert rig.main() == 0
+    assert len(rig.clock.slept) == 2
+
+
+def test_imds_unreachable_exits_75_with_no_route_change(rig: Rig) -> None:
+    rig.imds.fail_identity = ImdsError("imds: instance-id: no answer after 5 attempts")
+    assert rig.main() == 75
+    assert rig.netlink.calls == []
+    assert rig.autoscaling.completed == []
+
+
+def test_identity_guard_catches_the_nats_imds(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig.imds.later_instance_ids = ["i-0nat0000000000000"]
+    assert rig.main() == 75
+    assert rig.ec2.calls == []
+    assert rig.netlink.table == AL2023_TABLE
+    err = capsys.readouterr().err
+    assert "instance-id during the detour is i-0nat0000000000000" in err
+
+
+def test_identity_guard_treats_silence_as_a_missing_pin(rig: Rig) -> None:
+    rig.imds.fail_guard = ImdsError("timed out")
+    assert rig.main() == 75
+    assert rig.ec2.calls == []
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_default_route_put_back_by_dhcp_is_replaced_before_the_next_call(rig: Rig) -> None:
+    def renew(op: str) -> None:
+        if op == "DescribeInstances":
+            rig.netlink.replace(AL2023_TABLE[0])
+
+    seen: list[str | None] = []
+    rig.ec2.before_call = lambda op: (renew(op), seen.append(_default(rig).gateway))  # type: ignore[func-returns-value]
+    assert rig.main() == 0
+    # Renewed inside DescribeInstances; AssociateAddress and the verify went through the NAT again.
+    assert seen == ["10.0.0.4", "10.0.0.1", "10.0.0.4", "10.0.0.4"]
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_no_default_route_at_all_gets_a_temporary_one_that_is_removed(rig: Rig) -> None:
+    rig.netlink.table = AL2023_TABLE[1:]
+    assert rig.main() == 0
+    assert rig.netlink.table == AL2023_TABLE[1:]
+
+
+def test_restore_failure_keeps_the_journal_and_exits_75(rig: Rig) -> None:
+    rig.ec2.errors["AssociateAddress"] = [client_error("UnauthorizedOperation")]
+
+    def break_restore(command: str, route: Route) -> None:
+        if command == "replace" and route.gateway == "10.0.0.1":
+            raise route_failure(command, route, errno.ENETUNREACH)
+
+    rig.netlink.on_change = break_restore
+    assert rig.main() == 75
+    assert Path(rig.journal.path).exists()
+    # The next run (network back) finds the journal and restores first.
+    rig.netlink.fail_on = {}
+    rig.netlink.on_change = lambda c, r: None
+    rig.ec2.errors = {}
+    assert rig.main() == 0
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_journal_from_a_killed_run_is_restored_first(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    from bootstrap import routes
+
+    plan = routes.plan_detour(
+        rig.netlink,
+        mac="02:00:0a:00:00:0a",
+        subnet_cidr="10.0.0.0/24",
+        vpc_cidrs=["10.0.0.0/16"],
+        nat="10.0.0.4",
+    )
+    rig.journal.write({"plan": plan.to_json()})
+    routes.apply_pins(rig.netlink, plan)
+    rig.netlink.replace(plan.detour)  # ... and then SIGKILL
+    rig.ec2 = FakeEc2(holder=SELF)
+    assert rig.main() == 0
+    assert rig.netlink.table == AL2023_TABLE
+    assert "recover:" in capsys.readouterr().err
+
+
+def test_journal_written_before_the_first_change(rig: Rig) -> None:
+    snapshots: list[dict[str, object] | None] = []
+    rig.netlink.on_change = lambda command, route: snapshots.append(rig.journal.read())
+    rig.main()
+    first = snapshots[0]
+    assert first is not None
+    plan = DetourPlan.from_json(first["plan"])  # type: ignore[arg-type]
+    assert plan.default_routes == (AL2023_TABLE[0],)
+    assert len(plan.pins) == 4
+
+
+def test_sigterm_during_the_api_call_restores_and_exits_75(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.ec2.before_call = lambda op: (
+        os.kill(os.getpid(), signal.SIGTERM) if op == "AssociateAddress" else None
+    )
+    assert rig.main() == 75
+    assert rig.netlink.table == AL2023_TABLE
+    assert rig.ec2.address["InstanceId"] == OTHER
+    assert "SIGTERM" in capsys.readouterr().err
+    # A stop request is not a failure of this instance: no ABANDON.
+    assert rig.autoscaling.completed == []
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_a_second_signal_during_restore_does_not_cut_it_short(rig: Rig) -> None:
+    rig.ec2.before_call = lambda op: (
+        os.kill(os.getpid(), signal.SIGTERM) if op == "AssociateAddress" else None
+    )
+    rig.netlink.on_change = lambda command, route: (
+        os.kill(os.getpid(), signal.SIGTERM) if command == "delete" else None
+    )
+    assert rig.main() == 75
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_no_lifecycle_hook_means_no_lifecycle_call(rig: Rig) -> None:
+    assert rig.main(config=rig.config(lifecycle_hook=None)) == 0
+    assert rig.autoscaling.completed == []
+
+
+def test_lifecycle_failure_is_logged_not_fatal(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig.autoscaling = FakeAutoScaling(error=EndpointConnectionError(endpoint_url="https://autoscaling"))
+    assert rig.main() == 0
+    assert "CONTINUE" in capsys.readouterr().err
+
+
+def test_lifecycle_uses_a_fresh_client_made_after_the_restore(rig: Rig) -> None:
+    clients = rig.deps().clients
+    order: list[str] = []
+    rig.netlink.on_change = lambda command, route: order.append(command)
+    from bootstrap.cli import main
+
+    deps = rig.deps()
+    deps.clients = clients
+    real = clients.autoscaling
+
+    def tracking(*args: object) -> object:
+        order.append("autoscaling-client")
+        return real(*args)  # type: ignore[arg-type]
+
+    clients.autoscaling = tracking  # type: ignore[method-assign]
+    assert main(["--config", rig.config()], deps=deps) == 0
+    assert order[-1] == "autoscaling-client"
+    assert order.index("autoscaling-client") > max(i for i, c in enumerate(order) if c == "delete")
+
+
+def test_lock_held_by_another_run_exits_75(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    holder = Lock(str(rig.tmp / "state"), FakeClock())
+    holder.acquire()
+    try:
+        assert rig.main() == 75
+    finally:
+        holder.release()
+    assert rig.netlink.calls == []
+    assert "another eip-reclaim run holds" in capsys.readouterr().err
+
+
+def test_dry_run_changes_nothing_and_prints_the_plan(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    assert rig.main("--dry-run") == 0
+    assert rig.netlink.calls == []
+    assert rig.ec2.calls == []
+    assert not (rig.tmp / "state").exists()
+    out = capsys.readouterr().out
+    assert "would add pin: 169.254.169.254/32 via 10.0.0.1" in out
+    assert (
+        "would replace the default route by: 0.0.0.0/0 via 10.0.0.4 dev #7 proto 16 src 10.0.0.10 metric 512"
+        in out
+    )
+    assert "AssociateAddress" in out
+
+
+def test_subnet_not_in_the_map_exits_2_and_touches_no_route(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert rig.main(config=rig.config(nat_by_subnet={"subnet-0bbb": "10.0.1.4"})) == 2
+    assert rig.netlink.calls == []
+    assert rig.ec2.calls == []
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "nat_by_subnet" in lines[-1] and "subnet-0aaa" in lines[-1]
+
+
+def test_nat_outside_the_subnet_exits_2_and_touches_no_route(rig: Rig) -> None:
+    assert rig.main(config=rig.config(nat_by_subnet={"subnet-0aaa": "10.0.9.4"})) == 2
+    assert rig.netlink.calls == []
+
+
+def test_interface_not_found_by_mac_exits_75_without_change(rig: Rig) -> None:
+    rig.netlink.links = {}
+    assert rig.main() == 75
+    assert rig.netlink.calls == []
+
+
+def test_skip_pins_env_is_test_only_and_warned(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.skip_pins = frozenset({"imds"})
+    monkeypatch.setenv("EIP_RECLAIM_TEST_SKIP_PINS", "imds")
+    assert rig.main() == 0
+    assert all(r.dst != "169.254.169.254/32" for _, r in rig.netlink.calls)
+    assert "TEST ONLY" in capsys.readouterr().err
+
+
+def test_unknown_skip_pin_name_is_a_configuration_error(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EIP_RECLAIM_TEST_SKIP_PINS", "imds,dsn")
+    assert rig.main() == 2
+    assert rig.netlink.calls == []
+
+
+def test_help_needs_no_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from bootstrap.cli import main
+
+    assert main(["--help"]) == 0
+    assert "--dry-run" in capsys.readouterr().out
+
+
+def test_usage_error_is_2() -> None:
+    from bootstrap.cli import main
+
+    assert main([]) == 2
+
+
+def test_log_lines_carry_elapsed_milliseconds(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig.main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("+") and " ms " in line for line in lines)
+    assert any(line.split(" ms ", 1)[1].startswith("imds: instance " + SELF) for line in lines)
+
+
+def test_every_exit_code_is_a_domain_exception() -> None:
+    from bootstrap import errors
+
+    codes = {
+        cls.exit_code
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, ReclaimError)
+    }
+    assert codes == {2, 3, 75}
+
+
+def test_journal_document_is_plain_json(rig: Rig) -> None:
+    captured: list[str] = []
+    rig.netlink.on_change = lambda command, route: captured.append(Path(rig.journal.path).read_text())
+    rig.main()
+    document = json.loads(captured[0])
+    assert document["version"] == 1
+    assert document["plan"]["nat"] == "10.0.0.4"
