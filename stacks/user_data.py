@@ -8,9 +8,13 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from aws_cdk import Aws, Stack, Token
+from aws_cdk import AssetHashType, Aws, Stack, Token
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
+
+from stacks.bundle import BundleInfo
 
 # Where the payload lives on the instance; the systemd units name the same paths.
 INSTALL_DIR = "/opt/eip-reclaim"
@@ -134,6 +138,43 @@ def render_user_data(*, region: str, bucket: str, key: str, sha256: str, config_
     )
 
 
+def payload_user_data(
+    scope: Construct, *, bundle: BundleInfo, config: Mapping[str, Any], role: iam.IRole
+) -> ec2.UserData:
+    """User data that installs ``bundle`` (as the file asset ``Payload`` under ``scope``) with ``config``.
+
+    ``role`` may read this one object and nothing else in the asset bucket.
+    """
+    asset = s3_assets.Asset(
+        scope,
+        "Payload",
+        path=str(bundle.path),
+        # Keyed by the bytes' own hash: the object the user data verifies is the object it fetches,
+        # whichever machine uploaded it.
+        asset_hash=bundle.sha256,
+        asset_hash_type=AssetHashType.CUSTOM,
+    )
+    # Not asset.grant_read(): that lists and reads the whole bootstrap bucket, every app's assets.
+    role.add_to_principal_policy(
+        iam.PolicyStatement(
+            sid="ReadThePayload",
+            actions=["s3:GetObject"],
+            resources=[asset.bucket.arn_for_objects(asset.s3_object_key)],
+        )
+    )
+    user_data = ec2.UserData.for_linux()
+    user_data.add_commands(
+        render_user_data(
+            region=Aws.REGION,
+            bucket=asset.s3_bucket_name,
+            key=asset.s3_object_key,
+            sha256=bundle.sha256,
+            config_json=Stack.of(scope).to_json_string(dict(config)),
+        )
+    )
+    return user_data
+
+
 def _check(name: str, value: str, pattern: re.Pattern[str]) -> None:
     if not Token.is_unresolved(value) and not pattern.match(value):
         raise ValueError(f"{name}: {value!r} does not match {pattern.pattern}")
@@ -161,8 +202,8 @@ def payload_config(
 def service_user_data(scope: Construct, config: Mapping[str, Any]) -> ec2.UserData:
     """User data that writes the payload's configuration file.
 
-    Until the payload bundle is wired in as an asset, this writes only the configuration; with the asset,
-    it becomes ``add_commands(render_user_data(...))`` with the asset's bucket, key and hash.
+    Writes only the configuration: ``payload_user_data`` is the full install (bundle, configuration,
+    units) that replaces it.
     """
     config_json = Stack.of(scope).to_json_string(dict(config))
     user_data = ec2.UserData.for_linux()

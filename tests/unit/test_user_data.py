@@ -15,10 +15,13 @@ from typing import Any
 import aws_cdk as cdk
 import pytest
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3_assets as s3_assets
+from aws_cdk.assertions import Match, Template
 
 from stacks import user_data
-from stacks.user_data import render_user_data
+from stacks.bundle import BundleInfo
+from stacks.user_data import payload_user_data, render_user_data
 
 REPO = Path(__file__).resolve().parents[2]
 REGION = "ap-southeast-2"
@@ -210,22 +213,18 @@ def resolve(value: Any) -> Any:
     raise AssertionError(f"unexpected intrinsic {function}")
 
 
-def test_tokens_from_the_asset_and_the_stack_render_a_working_script(tmp_path: Path) -> None:
-    # The integration passes the asset's bucket and key, Aws.REGION and Stack.to_json_string(config).
+def test_payload_user_data_from_a_real_asset_renders_a_working_script(tmp_path: Path) -> None:
+    # The integration path: the bundle as a file asset, Aws.REGION, Stack.to_json_string(config).
     box = Sandbox(tmp_path)
     sha = fake_bundle(box.bundle, "tokens")
+    info = BundleInfo(
+        path=box.bundle, sha256=sha, size=box.bundle.stat().st_size, file_count=5, input_hash="x"
+    )
     app = cdk.App(outdir=str(tmp_path / "cdk.out"))
     stack = cdk.Stack(app, "UserDataTokens")
-    asset = s3_assets.Asset(stack, "Payload", path=str(box.bundle))
-    config = dict(CONFIG, region=cdk.Aws.REGION)
-    commands = render_user_data(
-        region=cdk.Aws.REGION,
-        bucket=asset.s3_bucket_name,
-        key=asset.s3_object_key,
-        sha256=sha,
-        config_json=stack.to_json_string(config),
-    )
-    template = stack.resolve(script_for(commands))
+    role = iam.Role(stack, "Role", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"))
+    rendered = payload_user_data(stack, bundle=info, config=dict(CONFIG, region=cdk.Aws.REGION), role=role)
+    template = stack.resolve(rendered.render())
     # Deploy-time values stay CloudFormation references, not synth-time guesses.
     assert {"Ref": "AWS::Region"} in template["Fn::Join"][1]
     script = resolve(template)
@@ -238,7 +237,45 @@ def test_tokens_from_the_asset_and_the_stack_render_a_working_script(tmp_path: P
     result = box.run(script)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((box.root / user_data.CONFIG_PATH.lstrip("/")).read_text()) == CONFIG
-    assert box.called("aws")[0].startswith(f"s3 cp --only-show-errors --region {REGION} s3://{BUCKET}/")
+    # The object fetched is the asset's: its key derives from the bytes' hash, which the script verifies.
+    asset = stack.node.find_child("Payload")
+    assert isinstance(asset, s3_assets.Asset)
+    assert asset.s3_object_key == f"{asset.asset_hash}.zip"
+    assert box.called("aws")[0].split()[5] == f"s3://{BUCKET}/{asset.s3_object_key}"
+
+
+def test_the_role_reads_only_the_payload_object(tmp_path: Path) -> None:
+    box = Sandbox(tmp_path)
+    sha = fake_bundle(box.bundle, "grant")
+    info = BundleInfo(
+        path=box.bundle, sha256=sha, size=box.bundle.stat().st_size, file_count=5, input_hash="x"
+    )
+    stack = cdk.Stack(cdk.App(outdir=str(tmp_path / "cdk.out")), "Grant")
+    role = iam.Role(stack, "Role", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"))
+    payload_user_data(stack, bundle=info, config=CONFIG, role=role)
+    template = Template.from_stack(stack)
+    # One GetObject on this object's ARN: no listing, no other asset of the bootstrap bucket.
+    template.has_resource_properties(
+        "AWS::IAM::Policy",
+        {
+            "PolicyDocument": {
+                "Statement": [
+                    {
+                        "Sid": "ReadThePayload",
+                        "Action": "s3:GetObject",
+                        "Effect": "Allow",
+                        "Resource": Match.object_like({"Fn::Join": Match.any_value()}),
+                    }
+                ]
+            }
+        },
+    )
+    statement = next(iter(template.find_resources("AWS::IAM::Policy").values()))["Properties"][
+        "PolicyDocument"
+    ]["Statement"][0]
+    asset = stack.node.find_child("Payload")
+    assert isinstance(asset, s3_assets.Asset)
+    assert resolve(statement["Resource"]) == f"arn:aws:s3:::{BUCKET}/{asset.s3_object_key}"
 
 
 @pytest.mark.parametrize(
