@@ -24,9 +24,6 @@ LOG_PATH = "/var/log/eip-reclaim-user-data.log"
 UNITS_ARCDIR = "systemd-units"
 BOOT_SERVICE = "eip-reclaim.service"
 TIMER = "eip-reclaim.timer"
-# The payload's default deadline for one run (DESIGN: deadline_seconds); the units' start timeout and the
-# lifecycle hook's heartbeat are sized above it.
-DEADLINE_SECONDS = 240
 # EC2 rejects user data above 16 KB (before base64); this text stays a small fraction of it.
 USER_DATA_LIMIT = 16 * 1024
 
@@ -178,41 +175,3 @@ def payload_user_data(
 def _check(name: str, value: str, pattern: re.Pattern[str]) -> None:
     if not Token.is_unresolved(value) and not pattern.match(value):
         raise ValueError(f"{name}: {value!r} does not match {pattern.pattern}")
-
-
-def payload_config(
-    *,
-    allocation_id: str,
-    nat_by_subnet: Mapping[str, str],
-    auto_scaling_group: str,
-    lifecycle_hook: str,
-    deadline_seconds: int = DEADLINE_SECONDS,
-) -> dict[str, Any]:
-    """The payload's configuration file (DESIGN: version 1), with tokens for what CloudFormation decides."""
-    return {
-        "version": 1,
-        "region": Aws.REGION,
-        "allocation_id": allocation_id,
-        "nat_by_subnet": dict(nat_by_subnet),
-        "lifecycle_hook": {"auto_scaling_group": auto_scaling_group, "hook": lifecycle_hook},
-        "deadline_seconds": deadline_seconds,
-    }
-
-
-def service_user_data(scope: Construct, config: Mapping[str, Any]) -> ec2.UserData:
-    """User data that writes the payload's configuration file.
-
-    Writes only the configuration: ``payload_user_data`` is the full install (bundle, configuration,
-    units) that replaces it.
-    """
-    config_json = Stack.of(scope).to_json_string(dict(config))
-    user_data = ec2.UserData.for_linux()
-    user_data.add_commands(
-        "set -euo pipefail",
-        f"install -d -m 0700 {CONFIG_PATH.rsplit('/', 1)[0]}",
-        f"(umask 077; cat >{CONFIG_PATH} <<'{_CONFIG_EOF}'",
-        config_json,
-        _CONFIG_EOF,
-        ")",
-    )
-    return user_data
