@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,148 @@ def hand_written() -> Spec:
 
 def load() -> Spec:
     """The lab's spec: the only place that decides where it comes from."""
-    return hand_written()
+    return synthesized()
+
+
+def synthesize(outdir: Path) -> str:
+    """Synthesize the default app (cdk.json's configuration and flags) as `cdk synth` would; a note.
+
+    The templates are written before CDK's validations run, so a validation finding (which the
+    stack's own tests report) does not keep the lab from the configuration the user data carries.
+    """
+    # jsii starts Node from PATH: the venv's, as the Makefile arranges.
+    venv_bin = str(Path(sys.executable).parent)
+    os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+    import aws_cdk as cdk
+
+    from stacks.assembly import build
+    from stacks.config import CONTEXT_KEY, parse
+
+    context = json.loads((REPO / "cdk.json").read_text())["context"]
+    flags = {k: v for k, v in context.items() if k != CONTEXT_KEY}
+    app = cdk.App(context=flags, outdir=str(outdir))
+    build(app, parse(context[CONTEXT_KEY]), checks=False)
+    try:
+        app.synth()
+    except RuntimeError as error:  # jsii reports CDK's ValidationFailed this way
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"synthesized (CDK validation reported: {first_line.split('. A copy')[0]})"
+    return "synthesized"
+
+
+def synthesized() -> Spec:
+    """Read the lab's spec from the templates of a real synth of the default app."""
+    with tempfile.TemporaryDirectory(prefix="eip-reclaim-lab-synth-") as outdir:
+        note = synthesize(Path(outdir))
+        templates = [json.loads(p.read_text()) for p in sorted(Path(outdir).glob("*.template.json"))]
+    if not templates:
+        raise RuntimeError(f"the app synthesized no template ({note})")
+    return from_templates(templates, note)
+
+
+def from_templates(templates: list[dict[str, Any]], note: str) -> Spec:
+    resources = {k: v for t in templates for k, v in t.get("Resources", {}).items()}
+    outputs = {k: v for t in templates for k, v in t.get("Outputs", {}).items()}
+    vpcs = [r for r in resources.values() if r["Type"] == "AWS::EC2::VPC"]
+    user_data = [
+        r["Properties"]["LaunchTemplateData"]["UserData"]
+        for r in resources.values()
+        if r["Type"] == "AWS::EC2::LaunchTemplate" and "nat_by_subnet" in json.dumps(r["Properties"])
+    ]
+    if len(vpcs) != 1 or not user_data:
+        raise RuntimeError("synth: expected one VPC and a launch template whose user data carries the config")
+    text, intrinsics = _flatten(user_data[0])
+    raw = _config_in(text)
+
+    def intrinsic(value: str) -> dict[str, Any] | None:
+        return intrinsics.get(value)
+
+    def subnet_resource(token: dict[str, Any]) -> str:
+        """The logical ID of the subnet a (cross-stack) reference names."""
+        if "Ref" in token:
+            return str(token["Ref"])
+        if "Fn::GetStackOutput" in token:
+            return str(outputs[token["Fn::GetStackOutput"]["OutputName"]]["Value"]["Ref"])
+        if "Fn::ImportValue" in token:
+            name = token["Fn::ImportValue"]
+            return next(
+                str(o["Value"]["Ref"]) for o in outputs.values() if o.get("Export", {}).get("Name") == name
+            )
+        raise RuntimeError(f"synth: cannot follow the subnet reference {token}")
+
+    subnets: list[Subnet] = []
+    nat_by_subnet = {}
+    for key, nat_ip in raw["nat_by_subnet"].items():
+        token = intrinsic(key)
+        logical_id = subnet_resource(token) if token else key
+        properties = resources[logical_id]["Properties"]
+        az = properties["AvailabilityZone"]
+        az_index = az["Fn::Select"][0] if isinstance(az, dict) else len(subnets)
+        subnets.append(
+            Subnet(
+                key=logical_id,
+                az_index=int(az_index),
+                cidr=ipaddress.IPv4Network(properties["CidrBlock"]),
+                nat_ip=ipaddress.IPv4Address(nat_ip),
+            )
+        )
+        nat_by_subnet[logical_id] = nat_ip
+    config = dict(raw, nat_by_subnet=nat_by_subnet)
+    # What CloudFormation fills in at deploy becomes the lab's placeholders; anything else unresolved
+    # means the user data grew a value the lab does not know how to provide.
+    if intrinsic(config["region"]) == {"Ref": "AWS::Region"}:
+        config["region"] = REGION
+    if intrinsic(config["allocation_id"]):
+        config["allocation_id"] = ALLOCATION_ID
+    hook = config.get("lifecycle_hook")
+    if hook and intrinsic(hook["auto_scaling_group"]):
+        config["lifecycle_hook"] = dict(hook, auto_scaling_group=AUTO_SCALING_GROUP)
+    left = [token for token in intrinsics if token in json.dumps(config)]
+    if left:
+        raise RuntimeError(
+            f"synth: the config carries values the lab cannot fill: {[intrinsics[t] for t in left]}"
+        )
+    return Spec(
+        source=note,
+        vpc_cidr=ipaddress.IPv4Network(vpcs[0]["Properties"]["CidrBlock"]),
+        subnets=tuple(sorted(subnets, key=lambda s: s.az_index)),
+        config=config,
+    )
+
+
+def _flatten(user_data: Any) -> tuple[str, dict[str, dict[str, Any]]]:
+    """User data's Fn::Join as one string, each CloudFormation intrinsic replaced by a placeholder."""
+    if isinstance(user_data, dict) and "Fn::Base64" in user_data:
+        user_data = user_data["Fn::Base64"]
+    if isinstance(user_data, str):
+        return user_data, {}
+    separator, parts = user_data["Fn::Join"]
+    intrinsics: dict[str, dict[str, Any]] = {}
+    pieces = []
+    for part in parts:
+        if isinstance(part, str):
+            pieces.append(part)
+        else:
+            placeholder = f"@@cfn{len(intrinsics)}@@"
+            intrinsics[placeholder] = part
+            pieces.append(placeholder)
+    return separator.join(pieces), intrinsics
+
+
+def _config_in(text: str) -> dict[str, Any]:
+    """The JSON object in the user data that holds `nat_by_subnet` (the payload's configuration)."""
+    anchor = text.index('"nat_by_subnet"')
+    decoder = json.JSONDecoder()
+    start = text.rfind("{", 0, anchor)
+    while start >= 0:
+        try:
+            found, _end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            found = None
+        if isinstance(found, dict) and "nat_by_subnet" in found:
+            return found
+        start = text.rfind("{", 0, start)
+    raise RuntimeError("synth: no JSON configuration found in the user data")
 
 
 def render_config(

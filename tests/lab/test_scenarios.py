@@ -65,6 +65,10 @@ def test_1_first_boot_takes_the_address(lab: vpc.Lab) -> None:
     assert len(calls_by(lab, instance, "AssociateAddress")) == 1
     # CONTINUE arrived after the routes were restored: from the Elastic IP itself.
     assert lifecycle_results(lab, instance) == [("CONTINUE", vpc.EIP)]
+    # ...for the group and hook that the synthesized user data names.
+    (call,) = lab.lifecycle_calls()
+    hook = lab.spec.config["lifecycle_hook"]
+    assert (call["AutoScalingGroupName"], call["LifecycleHookName"]) == (lab.asg_name, hook["hook"])
     # Every metadata request went to the VPC's IMDS; the NAT's never heard from the instance.
     assert any(r["src"] == instance.private_ip for r in lab.imds_log("router"))
     assert not [r for r in lab.imds_log("nat0") if r["src"] == instance.private_ip]

@@ -192,6 +192,10 @@ class Lab:
         self._host_numbers = itertools.count(10)
         self._ports = itertools.count()
         self._control = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        hook = lab_spec.config.get("lifecycle_hook") or {}
+        group = hook.get("auto_scaling_group", spec.AUTO_SCALING_GROUP)
+        # The group the user data names, unless CloudFormation would name it at deploy.
+        self.asg_name = ASG_NAME if group == spec.AUTO_SCALING_GROUP else str(group)
         self._ec2: Any = None
 
     # -- the timeline -------------------------------------------------------------------------
@@ -296,7 +300,7 @@ class Lab:
                     {
                         "ResourceType": "instance",
                         "Tags": [
-                            {"Key": "aws:autoscaling:groupName", "Value": ASG_NAME},
+                            {"Key": "aws:autoscaling:groupName", "Value": self.asg_name},
                             {"Key": "eip-reclaim:service", "Value": "lab-service"},
                         ],
                     }
@@ -321,7 +325,7 @@ class Lab:
             region=REGION,
             subnet_ids=self.subnet_ids,
             allocation_id=self.allocation_id,
-            auto_scaling_group=ASG_NAME,
+            auto_scaling_group=self.asg_name,
             endpoints={"ec2_endpoint_url": EC2_URL, "autoscaling_endpoint_url": AUTOSCALING_URL},
             deadline_seconds=LAB_DEADLINE_SECONDS,
         )
@@ -340,7 +344,7 @@ class Lab:
             "role": ROLE,
             # Each instance its own key, so the API's log says which instance made a call.
             "access_key_id": "ASIA" + instance_id[2:].upper(),
-            "tags": {"aws:autoscaling:groupName": ASG_NAME, "eip-reclaim:service": "lab-service"},
+            "tags": {"aws:autoscaling:groupName": self.asg_name, "eip-reclaim:service": "lab-service"},
         }
         _write_atomically(self.dir / "registry.json", json.dumps(self.identities))
 
