@@ -19,6 +19,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk.assertions import Match, Template
 
+from bootstrap.config import load_config
 from stacks import user_data
 from stacks.bundle import BundleInfo
 from stacks.user_data import payload_user_data, render_user_data
@@ -147,6 +148,8 @@ def test_installs_a_verified_bundle(tmp_path: Path) -> None:
     # The configuration: the contract's JSON, readable by root only.
     config = box.root / user_data.CONFIG_PATH.lstrip("/")
     assert json.loads(config.read_text()) == CONFIG
+    # ... which the payload's own validator accepts.
+    assert load_config(str(config)).allocation_id == CONFIG["allocation_id"]
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700
     # The units in place, enabled, the timer started and the boot run started without waiting.
@@ -236,7 +239,9 @@ def test_payload_user_data_from_a_real_asset_renders_a_working_script(tmp_path: 
     assert result.returncode == 0, result.stdout
     result = box.run(script)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert json.loads((box.root / user_data.CONFIG_PATH.lstrip("/")).read_text()) == CONFIG
+    written = box.root / user_data.CONFIG_PATH.lstrip("/")
+    assert json.loads(written.read_text()) == CONFIG
+    assert load_config(str(written)).region == REGION
     # The object fetched is the asset's: its key derives from the bytes' hash, which the script verifies.
     asset = stack.node.find_child("Payload")
     assert isinstance(asset, s3_assets.Asset)
