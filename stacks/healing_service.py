@@ -16,8 +16,8 @@ from stacks.payload_config import DEADLINE_SECONDS, payload_config
 
 # The tag that marks a service's instances; the role may associate its address only with those.
 SERVICE_TAG = "eip-reclaim:service"
-# The logical ID of the address. Pinned: CloudFormation would release the address (and its IPv4 with
-# it, for good) if a refactoring renamed the resource.
+# The logical ID of the address, pinned: a refactoring that renamed it would make CloudFormation
+# allocate a new address and leave the one clients know orphaned.
 ELASTIC_IP_LOGICAL_ID = "ElasticIp"
 LIFECYCLE_HOOK_NAME = "eip-reclaim-launch"
 # Where the payload reads its configuration (DESIGN.md, "Command line").
@@ -121,22 +121,21 @@ class HealingGroup(Construct):
                 ec2.Peer.ipv4(config.ingress_cidr), ec2.Port.tcp(port), f"service port {port}"
             )
 
-        # The payload's configuration as JSON; tokens (imported subnet ids, the address) stay
-        # CloudFormation expressions, resolved at deploy.
-        self.config_json = stack.to_json_string(
-            payload_config(
-                allocation_id=address.allocation_id,
-                nat_by_subnet=network.nat_by_subnet,
-                auto_scaling_group=group_name,
-                lifecycle_hook=LIFECYCLE_HOOK_NAME,
-            )
+        # The payload's configuration file (DESIGN.md); subnet ids and the address stay CloudFormation
+        # expressions until deploy.
+        self.payload_config = payload_config(
+            allocation_id=address.allocation_id,
+            nat_by_subnet=network.nat_by_subnet,
+            auto_scaling_group=group_name,
+            lifecycle_hook=LIFECYCLE_HOOK_NAME,
         )
         self.user_data = ec2.UserData.for_linux()
         self.user_data.add_commands(
             "set -euo pipefail",
             f"install -d -m 0700 {CONFIG_DIR}",
             f"cat > {CONFIG_DIR}/config.json <<'EIP_RECLAIM_CONFIG'",
-            self.config_json,
+            # Renders the tokens inside the JSON, keys included, as one Fn::Join.
+            stack.to_json_string(self.payload_config),
             "EIP_RECLAIM_CONFIG",
         )
         cpu = ec2.AmazonLinuxCpuType.ARM_64 if config.is_arm64 else ec2.AmazonLinuxCpuType.X86_64

@@ -48,7 +48,6 @@ class Network(Construct):
 
     def __init__(self, scope: Construct, construct_id: str, *, config: NetworkConfig) -> None:
         super().__init__(scope, construct_id)
-        self.cidr = config.cidr
         self.nat_provider = StableNatProvider(
             vpc_cidr=config.cidr, instance_type=config.nat_instance_type, arm64=config.nat_is_arm64
         )

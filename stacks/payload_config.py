@@ -21,7 +21,8 @@ def payload_config(
     lifecycle_hook: str,
 ) -> dict[str, Any]:
     """The file's content. Subnet ids, the region and the allocation id may be CloudFormation tokens:
-    `Stack.to_json_string` renders them, keys included, as one Fn::Join resolved at deploy."""
+    `Stack.to_json_string` renders them, keys included, as one Fn::Join resolved at deploy.
+    """
     return {
         "version": CONFIG_VERSION,
         "region": Aws.REGION,
