@@ -231,6 +231,14 @@ class Lab:
         self.event("client-probe", ok=body is not None, answered_by=body)
         return body
 
+    def start_probe(self) -> subprocess.Popen[bytes]:
+        """The client probing the Elastic IP continuously (every 20 ms) into probe.jsonl."""
+        return self.internet.popen(
+            [PYTHON, "-m", "tests.lab.probe", "--address", EIP, "--log", str(self.dir / "probe.jsonl")],
+            cwd=REPO,
+            env=self._daemon_env(),
+        )
+
     def sync_gateway(self) -> None:
         def poke() -> None:
             request = http.client.HTTPConnection(ROUTER_UPLINK_IP, router.SYNC_PORT, timeout=10)
