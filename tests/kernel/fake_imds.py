@@ -56,12 +56,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _reply(self, status: int, body: str = "") -> None:
         data = body.encode()
+        # Logged before the answer leaves, so a client that has its answer also finds it in the log.
+        self._log(status)
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self._log(status)
 
     def do_PUT(self) -> None:
         if self.path != "/latest/api/token" or not self.headers.get(TTL_HEADER):
