@@ -80,9 +80,11 @@ class HealingGroup(Construct):
         )
         self.role.add_to_principal_policy(
             iam.PolicyStatement(
-                sid="FindTheAddress",
-                # DescribeAddresses has no resource type: "*" is the only resource it accepts.
-                actions=["ec2:DescribeAddresses"],
+                sid="FindTheAddressAndItsHolder",
+                # Neither action has a resource type: "*" is the only resource they accept. The payload
+                # reads the holder's launch time and group so that it never takes the address back from
+                # a newer member of its own group.
+                actions=["ec2:DescribeAddresses", "ec2:DescribeInstances"],
                 resources=["*"],
             )
         )

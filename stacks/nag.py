@@ -57,7 +57,8 @@ def acknowledge(network: NetworkStack, services: Sequence[HealingServiceStack]) 
         _ack(
             group.role,
             "AwsSolutions::AwsSolutions-IAM5[Resource::*]",
-            "ec2:DescribeAddresses has no resource type and accepts only '*'; it reads, never changes.",
+            "ec2:DescribeAddresses and ec2:DescribeInstances have no resource type and accept only '*'; "
+            "they read, never change.",
         )
         _ack(
             group.role,

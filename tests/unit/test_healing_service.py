@@ -52,22 +52,22 @@ def statements(template: Template) -> list[dict[str, Any]]:
 
 
 def test_the_role_may_describe_addresses_anywhere_but_change_nothing_else_broadly(template: Template) -> None:
-    # DescribeAddresses has no resource type; every other action is scoped to this service.
+    # The two Describe calls have no resource type; every other action is scoped to this service.
     by_sid = {s["Sid"]: s for s in statements(template)}
     assert set(by_sid) == {
-        "FindTheAddress",
+        "FindTheAddressAndItsHolder",
         "TakeThisAddress",
         "OnlyOntoThisServicesInstances",
         "ReportTheLaunch",
     }
-    assert by_sid["FindTheAddress"] == {
-        "Sid": "FindTheAddress",
-        "Action": "ec2:DescribeAddresses",
+    assert by_sid["FindTheAddressAndItsHolder"] == {
+        "Sid": "FindTheAddressAndItsHolder",
+        "Action": ["ec2:DescribeAddresses", "ec2:DescribeInstances"],
         "Effect": "Allow",
         "Resource": "*",
     }
     assert all(s["Effect"] == "Allow" for s in by_sid.values())
-    assert "Condition" not in by_sid["FindTheAddress"]
+    assert "Condition" not in by_sid["FindTheAddressAndItsHolder"]
 
 
 def test_associate_address_only_on_this_address(template: Template) -> None:
