@@ -45,5 +45,23 @@ test: lint
 unit: setup
 	pytest tests/unit
 
+# The lab builds network namespaces: without root, say how to run it instead of failing obscurely.
+NEED_ROOT = @if [ "$$(id -u)" != 0 ]; then echo "make $@: needs root and network namespaces: run 'sudo make $@'" >&2; exit 1; fi
+
+## lab-test: the VPC lab's scenarios only (root)
+lab-test: setup
+	$(NEED_ROOT)
+	pytest tests/lab
+
+## lab: build the VPC lab, heal an instance and then a replacement in the other AZ, print the timeline (root)
+lab: setup
+	$(NEED_ROOT)
+	python -m tests.lab.demo
+
+## bench: heal latency, failover downtime and the floor in the VPC lab, as JSON (root)
+bench: setup
+	$(NEED_ROOT)
+	python -m benchmarks.heal
+
 clean:
 	rm -rf cdk.out .pytest_cache .mypy_cache .ruff_cache
