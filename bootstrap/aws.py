@@ -51,14 +51,18 @@ class ClientFactory:
     def _load(self) -> None:
         try:
             import botocore.session  # noqa: PLC0415 (deliberately late: see the class docstring)
+            from botocore.config import Config  # noqa: PLC0415
 
             session = botocore.session.Session()
-            for service in ("ec2", "autoscaling"):
-                session.get_service_model(service)
-            # Import what create_client imports, here rather than on the critical path.
-            import botocore.client  # noqa: PLC0415
-            import botocore.config  # noqa: PLC0415
-
+            # A throwaway client with placeholder credentials loads the model, the endpoint rules and
+            # the client class once (the session caches them); making a client opens no connection.
+            session.create_client(
+                "ec2",
+                region_name=self._region,
+                aws_access_key_id="preload",
+                aws_secret_access_key="preload",
+                config=Config(retries={"total_max_attempts": 1}),
+            )
             self._session = session
         except Exception as err:  # noqa: BLE001 (re-raised on the main thread by session())
             self._error = err

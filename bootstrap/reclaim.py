@@ -158,8 +158,9 @@ def _guard_identity(imds: Imds, expected: str) -> None:
 def run(config: Config, deps: Deps, deadline: Deadline) -> int:
     """The whole run after the lock is held. Raises ReclaimError (with its exit code) on failure."""
     _skip_warning(deps.skip_pins)
-    with deps.netlink() as netlink:
-        recover(netlink, deps.journal)
+    if deps.journal.exists():
+        with deps.netlink() as netlink:
+            recover(netlink, deps.journal)
     identity = deps.imds.identity()
     LOG.info(
         "imds: instance %s in %s (%s), VPC %s, public IPv4 %s",

@@ -51,6 +51,9 @@ class Journal:
         os.replace(temp, self.path)
         self._sync_directory()
 
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
     def read(self) -> Optional[dict[str, Any]]:
         """The journaled document, or None when there is none. A corrupt journal is an error, not None."""
         try:
