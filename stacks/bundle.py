@@ -34,6 +34,9 @@ UNITS_ARCDIR = "systemd-units"
 MANIFEST_NAME = "bundle-manifest.json"
 # The earliest timestamp a zip entry can carry: fixed, so the bytes do not depend on when files were written.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# Cold builds delete older bundles beyond this many (each payload edit makes one of 2 MB); a few stay for
+# concurrent synths of other inputs that may still be reading theirs.
+CACHE_KEEP = 4
 # Bumped when this module changes what it writes; the module's own source is hashed into the cache key too.
 BUILD_FORMAT = 1
 # Directory names that only hold a package's own test suite.
@@ -116,12 +119,26 @@ def build_bundle(
         shutil.copyfile(partial, out_dir / f".{target.name}.{os.getpid()}")
         os.replace(out_dir / f".{target.name}.{os.getpid()}", target)
 
+    _prune(out_dir, keep=target)
     info = _describe(target, input_hash)
     log.write(
         f"bundle: wrote {info.path} ({info.size / 1_000_000:.2f} MB, {info.file_count} files) "
         f"in {time.monotonic() - started:.1f} s\n"
     )
     return info
+
+
+def _prune(out_dir: Path, *, keep: Path) -> None:
+    def mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:  # pruned meanwhile by a concurrent build
+            return 0.0
+
+    bundles = sorted(out_dir.glob("bundle-*.zip"), key=mtime, reverse=True)
+    for old in bundles[CACHE_KEEP:]:
+        if old != keep:
+            old.unlink(missing_ok=True)
 
 
 def _payload_files(payload_dir: Path) -> list[Path]:
@@ -198,9 +215,10 @@ def _pip_install(requirements: Path, stage: Path, python_version: str) -> None:
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise BundleError(
-            f"pip could not install {requirements} for Python {python_version}:\n{result.stderr}"
-        )
+        # pip's ERROR lines name the requirement; the rest (every version it saw) would bury them.
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+        reason = "\n".join(errors or result.stderr.splitlines()[-10:])
+        raise BundleError(f"pip could not install {requirements} for Python {python_version}:\n{reason}")
 
 
 def _trim(stage: Path, services: Sequence[str]) -> None:
