@@ -114,15 +114,19 @@ def _detour_and_claim(
             nat=nat,
             skip_pins=deps.skip_pins,
         )
-        deps.journal.write({"plan": plan.to_json()})
-        LOG.info("journal: %d default route(s) recorded in %s", len(plan.default_routes), deps.journal.path)
         try:
+            # Inside the try: an interrupt right after the write still restores (a no-op then) and
+            # removes the journal; the first route change comes only after the write.
+            deps.journal.write({"plan": plan.to_json()})
+            LOG.info(
+                "journal: %d default route(s) recorded in %s", len(plan.default_routes), deps.journal.path
+            )
             routes.apply_pins(netlink, plan)
             LOG.info(
-                "routes: pinned %s via %s (%d already there, left alone)",
+                "routes: pinned %s via %s (already routed, left alone: %s)",
                 ", ".join(p.dst for p in plan.pins) or "nothing",
                 plan.router,
-                len(routes.LINK_LOCAL_PINS) + len(identity.vpc_cidrs) - len(plan.pins),
+                ", ".join(plan.kept) or "none",
             )
             netlink.replace(plan.detour)
             LOG.info("routes: default route now via NAT %s (metric %d)", nat, plan.detour.priority)

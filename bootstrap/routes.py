@@ -128,7 +128,8 @@ class PyRoute2Netlink:
             if getattr(route, key) is not None:
                 spec[key] = getattr(route, key)
         if route.metrics:
-            spec["metrics"] = {"attrs": [list(item) for item in route.metrics]}
+            # pyroute2 takes metrics by their RTAX_ names (the form a dump gives them in).
+            spec["metrics"] = dict(route.metrics)
         return spec
 
     def _call(self, command: str, route: Route) -> None:
@@ -170,6 +171,8 @@ class DetourPlan:
     detour: Route
     # Pins this run adds (never ones that already existed); only these are removed afterwards.
     pins: tuple[Route, ...]
+    # Destinations that already had a route and are left alone (for the log; not journaled).
+    kept: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -226,11 +229,13 @@ def plan_detour(
     wanted = [dst for name, dst in LINK_LOCAL_PINS.items() if name not in skip]
     if "vpc" not in skip:
         wanted += [str(ipaddress.IPv4Network(c)) for c in vpc_cidrs]
+    unique = list(dict.fromkeys(wanted))
     pins = tuple(
         Route(dst=dst, gateway=router, oif=ifindex, proto=RTPROT_STATIC)
-        for dst in dict.fromkeys(wanted)
+        for dst in unique
         if dst not in existing
     )
+    kept = tuple(dst for dst in unique if dst in existing)
     defaults = _defaults(table)
     if defaults:
         best = defaults[0]
@@ -241,7 +246,7 @@ def plan_detour(
         )
     else:
         detour = Route(dst=DEFAULT, gateway=nat, oif=ifindex, proto=RTPROT_STATIC)
-    return DetourPlan(ifindex, router, nat, tuple(defaults), detour, pins)
+    return DetourPlan(ifindex, router, nat, tuple(defaults), detour, pins, kept)
 
 
 def apply_pins(netlink: Netlink, plan: DetourPlan) -> None:

@@ -36,6 +36,10 @@ def test_success_takes_the_address_and_leaves_every_table_as_it_was(w: World) ->
     assert w.holder() == w.ids["self"]
     assert not w.journal.exists()
     assert "associating" in err
+    # IMDSv2 only: every request carried a token the emulator had issued (it answers 401 otherwise).
+    imds = [json.loads(line) for line in (w.tmp / "imds-router.log").read_text().splitlines()]
+    assert imds and all(r["status"] in (200, 404) for r in imds)
+    assert "fake-secret-never-logged" not in err and "fake-session-token-never-logged" not in err
 
 
 def test_pins_and_detour_are_in_place_while_the_api_is_called(w: World) -> None:
@@ -154,7 +158,7 @@ def test_an_existing_pin_is_left_alone(w: World) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert w.all_routes() == before
-    assert "1 already there" in err
+    assert "left alone: 169.254.169.123/32" in err
 
 
 def test_a_lease_renewal_during_the_detour_is_undone_before_the_next_call(w: World) -> None:
@@ -211,4 +215,25 @@ def test_second_run_when_already_held_makes_no_change(w: World) -> None:
     code, _, err = w.run_payload(w.config())
     assert code == 0, err
     assert "already held by this instance; no change" in err
+    assert w.all_routes() == before
+
+
+def test_mtu_and_a_second_default_route_come_back_exactly(w: World) -> None:
+    w.inst.ip("route", "replace", *f"{lab.AL2023_ROUTES[-1]} mtu 9001".split())
+    w.inst.ip("route", "add", *f"default via {lab.ROUTER} dev {lab.IFNAME} proto static metric 1024".split())
+    before = w.all_routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        w.wait_for_detour()
+        defaults = sorted(w.defaults(), key=lambda r: r["metric"])
+        # Only the best route is detoured, keeping its MTU; the metric-1024 one is not touched.
+        assert [(r["gateway"], r["metric"], r.get("metrics")) for r in defaults] == [
+            (lab.NAT, 512, [{"mtu": 9001}]),
+            (lab.ROUTER, 1024, None),
+        ]
+    finally:
+        w.resume_api()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
     assert w.all_routes() == before

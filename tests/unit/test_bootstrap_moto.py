@@ -157,6 +157,28 @@ def test_throttling_for_the_first_calls_then_success(aws: Any) -> None:
     print(f"backoff sleeps (jittered): {[round(s, 3) for s in slept]}")
 
 
+def test_botocore_does_not_retry_on_its_own(aws: Any) -> None:
+    """One attempt per call on the wire: our loop, not botocore's, decides (with the deadline in view)."""
+    client = _payload_client()
+    sent: list[str] = []
+
+    def throttled(request: Any, **_: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        sent.append(request.url)
+        body = b"<Response><Errors><Error><Code>RequestLimitExceeded</Code></Error></Errors></Response>"
+        return AWSResponse(
+            request.url, 503, {}, SimpleNamespace(stream=lambda **_: [body], read=lambda: body)
+        )
+
+    client.meta.events.register_first("before-send.ec2.DescribeAddresses", throttled)
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError, match="RequestLimitExceeded"):
+        client.describe_addresses(AllocationIds=["eipalloc-0123456789abcdef0"])
+    assert len(sent) == 1
+
+
 def test_throttling_past_the_deadline_is_75(aws: Any) -> None:
     me, other = _instances(aws, 2)
     allocation = _address(aws, other)

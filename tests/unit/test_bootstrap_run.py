@@ -78,13 +78,22 @@ def test_pins_are_added_via_the_router_and_only_they_are_removed(rig: Rig) -> No
     assert deleted == added
 
 
-def test_a_pin_that_already_exists_is_left_alone(rig: Rig) -> None:
+def test_a_pin_that_already_exists_is_left_alone(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     theirs = Route(dst="169.254.169.254/32", gateway="10.0.0.1", oif=IFINDEX, priority=512, proto=16)
     rig.netlink.table.append(theirs)
     before = list(rig.netlink.table)
     assert rig.main() == 0
     assert rig.netlink.table == before
     assert all(r.dst != "169.254.169.254/32" for op, r in rig.netlink.calls if op in ("add", "delete"))
+    assert "left alone: 169.254.169.254/32" in capsys.readouterr().err
+
+
+def test_botocore_itself_may_never_use_imdsv1(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bootstrap.aws import disable_imds_v1
+
+    monkeypatch.delenv("AWS_EC2_METADATA_V1_DISABLED", raising=False)
+    disable_imds_v1()
+    assert os.environ["AWS_EC2_METADATA_V1_DISABLED"] == "true"
 
 
 def test_public_ipv4_means_no_detour(rig: Rig) -> None:
