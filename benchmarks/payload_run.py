@@ -14,6 +14,7 @@ the timing, so every run does the whole reclaim. Needs root.
 - importtime_top: the slowest top-level imports of one run under `python -X importtime`.
 
     sudo .venv/bin/python -m benchmarks.payload_run --runs 9
+    sudo .venv/bin/python -m benchmarks.payload_run --bundle DIR --python /usr/bin/python3.9
 """
 
 from __future__ import annotations
@@ -61,10 +62,22 @@ def _timed(w: Any, config: Path, *extra: str) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="run an unpacked, byte-compiled bundle (python -m stacks.bundle) instead of this checkout",
+    )
+    parser.add_argument("--python", default=sys.executable, help="the interpreter that runs the payload")
     args = parser.parse_args()
     if not netns.can_run():
         raise SystemExit(netns.HOW_TO_RUN)
     with tempfile.TemporaryDirectory(prefix="eipr-bench-") as tmp, world(Path(tmp)) as w:
+        if args.bundle:
+            # As the systemd unit starts it: the instance's python3, no site-packages, the bundle on the path.
+            w.payload_argv = [args.python, "-S", "-m", "bootstrap"]
+            w.payload_path = args.bundle
+        else:
+            w.payload_argv = [args.python, "-m", "bootstrap"]
         config = w.config()
         walls, startups, imports = [], [], []
         for _ in range(args.runs):
@@ -74,9 +87,10 @@ def main() -> None:
                 raise SystemExit(f"the run did not reclaim:\n{err}")
             walls.append(took)
             started = time.perf_counter()
-            w.inst.run(sys.executable, "-c", "pass")
+            w.inst.run(args.python, "-c", "pass")
             startups.append(time.perf_counter() - started)
-            out = w.inst.run("env", f"PYTHONPATH={REPO}", sys.executable, "-c", IMPORTS).stdout
+            path = args.bundle or str(REPO)
+            out = w.inst.run("env", f"PYTHONPATH={path}", args.python, "-c", IMPORTS).stdout
             imports.append(float(out.strip()))
         # One more run under -X importtime (not timed: the profiler slows it down).
         w.seed("associate", w.ids["allocation_id"], w.ids["other"])
@@ -87,6 +101,7 @@ def main() -> None:
     median_wall = statistics.median(walls)
     median_imports = statistics.median(imports)
     report = {
+        "payload": f"{args.bundle or 'checkout'} with {args.python}",
         "runs": args.runs,
         "run_wall_s": _summary(walls),
         "startup_s": _summary(startups),

@@ -54,6 +54,10 @@ class World:
     tmp: Path
     ids: dict[str, str] = field(default_factory=dict)
     moto: subprocess.Popen[bytes] | None = None
+    # How the payload is started: this checkout under the test interpreter, unless a benchmark points
+    # it at an unpacked bundle and another interpreter (as the instance runs it: python3 -S).
+    payload_argv: list[str] = field(default_factory=lambda: [sys.executable, "-m", "bootstrap"])
+    payload_path: str | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -112,10 +116,13 @@ class World:
         self, config: Path, *extra: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[str]:
         """The real payload, `python -m bootstrap`, inside the instance namespace."""
+        env = dict(env or self.env())
+        if self.payload_path:
+            env["PYTHONPATH"] = self.payload_path
         return self.inst.popen(  # type: ignore[return-value]
-            [sys.executable, "-m", "bootstrap", "--config", str(config), *extra],
-            cwd=str(REPO),
-            env=env or self.env(),
+            [*self.payload_argv, "--config", str(config), *extra],
+            cwd=self.payload_path or str(REPO),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
