@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from types import FrameType
-from typing import Optional
+from typing import Any, Optional
 
 from bootstrap.errors import DeadlineExceeded, ReclaimError, Terminated
 
@@ -26,19 +26,24 @@ class Interrupts:
         self.armed = False
         self.received: Optional[str] = None
         self._seconds = 0.0
+        self._previous: dict[int, Any] = {}
 
     def install(self, deadline_seconds: float) -> None:
         self.armed = True
         for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
-        signal.signal(signal.SIGALRM, self._on_alarm)
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_alarm)
         # The alarm ends a call that blocks past the deadline (a hung API connection) as well.
         self._seconds = deadline_seconds
         signal.setitimer(signal.ITIMER_REAL, deadline_seconds)
 
     def uninstall(self) -> None:
+        """Cancel the alarm and put the previous handlers back (the process may go on: tests, callers)."""
         signal.setitimer(signal.ITIMER_REAL, 0)
         self.armed = False
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
     def _raise(self, error: ReclaimError) -> None:
         self.received = str(error)

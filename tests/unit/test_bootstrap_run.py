@@ -331,7 +331,13 @@ def test_sigterm_during_the_api_call_restores_and_exits_75(
     assert "SIGTERM" in capsys.readouterr().err
     # A stop request is not a failure of this instance: no ABANDON.
     assert rig.autoscaling.completed == []
-    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_signal_handlers_and_the_alarm_are_put_back_after_a_run(rig: Rig) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)}
+    assert rig.main() == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_a_second_signal_during_restore_does_not_cut_it_short(rig: Rig) -> None:
