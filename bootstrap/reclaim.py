@@ -226,7 +226,8 @@ def dry_run(config: Config, deps: Deps, out: TextIO) -> int:
         lines.append(f"would first restore the detour journaled in {deps.journal.path}")
     calls = [
         f"DescribeAddresses(AllocationIds=[{config.allocation_id}])",
-        "if another instance holds it: DescribeInstances(holder, self); yield to a newer member of the group",
+        "DescribeInstances(holder, self) if another instance holds it; yield if the holder is a newer member"
+        " of this instance's Auto Scaling group",
         f"AssociateAddress({config.allocation_id}, {identity.instance_id}, AllowReassociation=True)"
         " unless already held",
         "DescribeAddresses to verify",

@@ -18,6 +18,8 @@ AF_INET = 2
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE = 0
 RTPROT_STATIC = 4
+# rtnetlink protocol numbers as `ip route` names them (rt_protos), for log lines.
+PROTOCOL_NAMES = {2: "kernel", 3: "boot", 4: "static", 16: "dhcp", 18: "keepalived", 186: "bgp"}
 # The only rtm_flags bit that describes a route rather than a dump: a gateway taken as on-link.
 RTNH_F_ONLINK = 4
 
@@ -53,9 +55,11 @@ class Route:
     metrics: tuple[tuple[str, int], ...] = field(default=())
 
     def describe(self) -> str:
+        """The route in `ip route` words (the interface by index: names are not journaled)."""
         via = f" via {self.gateway}" if self.gateway else ""
         src = f" src {self.prefsrc}" if self.prefsrc else ""
-        return f"{self.dst}{via} dev #{self.oif} proto {self.proto}{src} metric {self.priority}"
+        proto = PROTOCOL_NAMES.get(self.proto, str(self.proto))
+        return f"{self.dst}{via} dev index {self.oif} proto {proto}{src} metric {self.priority}"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -401,7 +401,7 @@ def test_dry_run_changes_nothing_and_prints_the_plan(rig: Rig, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "would add pin: 169.254.169.254/32 via 10.0.0.1" in out
     assert (
-        "would replace the default route by: 0.0.0.0/0 via 10.0.0.4 dev #7 proto 16 src 10.0.0.10 metric 512"
+        "would replace the default route by: 0.0.0.0/0 via 10.0.0.4 dev index 7 proto dhcp src 10.0.0.10 metric 512"
         in out
     )
     assert "AssociateAddress" in out
