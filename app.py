@@ -8,6 +8,7 @@ import sys
 import aws_cdk as cdk
 
 from stacks.assembly import build
+from stacks.bundle import BundleError
 from stacks.config import CONTEXT_KEY, ConfigError, from_context
 
 
@@ -19,7 +20,12 @@ def main() -> int:
         # One line, naming the key; the CDK CLI adds only that the app exited non-zero.
         print(f"eip-reclaim: bad configuration: {err}", file=sys.stderr)
         return 2
-    build(app, config)
+    try:
+        # Builds the payload bundle once for every service, or finds it in the cache under build/.
+        build(app, config)
+    except BundleError as err:
+        print(f"eip-reclaim: cannot build the payload bundle: {err}", file=sys.stderr)
+        return 1
     app.synth()
     return 0
 

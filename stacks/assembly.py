@@ -8,6 +8,7 @@ from aws_cdk import App, Tags, Validations
 from cdk_nag import AwsSolutionsChecks
 
 from stacks import nag
+from stacks.bundle import BundleInfo, build_bundle
 from stacks.config import AppConfig
 from stacks.healing_service import HealingServiceStack
 from stacks.network import NetworkStack
@@ -17,10 +18,17 @@ from stacks.network import NetworkStack
 class Stacks:
     network: NetworkStack
     services: tuple[HealingServiceStack, ...]
+    bundle: BundleInfo
 
 
-def build(app: App, config: AppConfig, *, checks: bool = True) -> Stacks:
-    """Add the network stack and one stack per service to `app`; with `checks`, cdk-nag too."""
+def build(app: App, config: AppConfig, *, checks: bool = True, bundle: BundleInfo | None = None) -> Stacks:
+    """Add the network stack and one stack per service to `app`; with `checks`, cdk-nag too.
+
+    Every service installs the same payload `bundle`; when none is given, it is built (or taken from the
+    cache under build/) once, for `config.payload_python_version`. May raise `stacks.bundle.BundleError`.
+    """
+    if bundle is None:
+        bundle = build_bundle(python_version=config.payload_python_version)
     network = NetworkStack(
         app,
         f"{config.stack_prefix}-Network",
@@ -34,10 +42,11 @@ def build(app: App, config: AppConfig, *, checks: bool = True) -> Stacks:
             f"{config.stack_prefix}-{service.name}",
             config=service,
             network=network.network,
+            bundle=bundle,
             description=f"eip-reclaim: the self-healing instance '{service.name}' and its Elastic IP",
         )
         services.append(stack)
-    built = Stacks(network=network, services=tuple(services))
+    built = Stacks(network=network, services=tuple(services), bundle=bundle)
     Tags.of(app).add("eip-reclaim:app", config.stack_prefix)
     if checks:
         nag.acknowledge(built.network, built.services)

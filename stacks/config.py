@@ -28,6 +28,10 @@ _LOG_RETENTION_DAYS = frozenset(
 )
 # No region offers a VPC more than six availability zones.
 _MAX_AZS = 6
+# The instance's python3 that the payload's dependencies are bundled for: Amazon Linux 2023's is 3.9,
+# and the payload's code keeps to 3.9 (vermin in `make lint`), so nothing older.
+DEFAULT_PAYLOAD_PYTHON = "3.9"
+_PYTHON_VERSION = re.compile(r"^3\.(9|[1-9][0-9])$")
 
 
 class ConfigError(ValueError):
@@ -82,6 +86,7 @@ class AppConfig:
     stack_prefix: str
     network: NetworkConfig
     services: tuple[ServiceConfig, ...]
+    payload_python_version: str = DEFAULT_PAYLOAD_PYTHON
 
 
 def is_graviton(instance_type: str) -> bool:
@@ -103,7 +108,12 @@ def from_context(value: object) -> AppConfig:
 
 def parse(raw: object) -> AppConfig:
     """Validate a decoded configuration object and return the frozen configuration."""
-    top = _object(raw, CONTEXT_KEY, required=set(), optional={"stack_prefix", "network", "services"})
+    top = _object(
+        raw,
+        CONTEXT_KEY,
+        required=set(),
+        optional={"stack_prefix", "network", "services", "payload_python_version"},
+    )
     prefix = _string(top.get("stack_prefix", "EipReclaim"), "stack_prefix")
     if not _STACK_PREFIX.match(prefix):
         raise ConfigError("stack_prefix", f"{prefix!r} must be a letter then up to 63 letters, digits or '-'")
@@ -117,7 +127,13 @@ def parse(raw: object) -> AppConfig:
     _unique([s.name for s in services], "services", "name")
     # Two services holding one address would take it from each other at every boot.
     _unique([s.allocation_id for s in services], "services", "allocation_id")
-    return AppConfig(stack_prefix=prefix, network=network, services=services)
+    python = _string(top.get("payload_python_version", DEFAULT_PAYLOAD_PYTHON), "payload_python_version")
+    if not _PYTHON_VERSION.match(python):
+        raise ConfigError(
+            "payload_python_version",
+            f"{python!r} must be the instance's python3 as major.minor, 3.9 or later (AL2023: 3.9)",
+        )
+    return AppConfig(stack_prefix=prefix, network=network, services=services, payload_python_version=python)
 
 
 def _network(raw: object) -> NetworkConfig:

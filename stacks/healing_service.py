@@ -10,9 +10,11 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
+from stacks.bundle import BundleInfo
 from stacks.config import ServiceConfig
 from stacks.network import Network
 from stacks.payload_config import DEADLINE_SECONDS, payload_config
+from stacks.user_data import payload_user_data
 
 # The tag that marks a service's instances; the role may associate its address only with those.
 SERVICE_TAG = "eip-reclaim:service"
@@ -20,8 +22,6 @@ SERVICE_TAG = "eip-reclaim:service"
 # allocate a new address and leave the one clients know orphaned.
 ELASTIC_IP_LOGICAL_ID = "ElasticIp"
 LIFECYCLE_HOOK_NAME = "eip-reclaim-launch"
-# Where the payload reads its configuration (DESIGN.md, "Command line").
-CONFIG_DIR = "/etc/eip-reclaim"
 # The hook holds a new instance until the payload reports; give the payload its whole deadline and a
 # minute to start, after which the default result (ABANDON) lets the group replace the instance.
 HOOK_HEARTBEAT = Duration.seconds(DEADLINE_SECONDS + 60)
@@ -58,6 +58,7 @@ class HealingGroup(Construct):
         config: ServiceConfig,
         network: Network,
         address: ElasticAddress,
+        bundle: BundleInfo,
         group_name: str,
     ) -> None:
         super().__init__(scope, construct_id)
@@ -131,15 +132,9 @@ class HealingGroup(Construct):
             auto_scaling_group=group_name,
             lifecycle_hook=LIFECYCLE_HOOK_NAME,
         )
-        self.user_data = ec2.UserData.for_linux()
-        self.user_data.add_commands(
-            "set -euo pipefail",
-            f"install -d -m 0700 {CONFIG_DIR}",
-            f"cat > {CONFIG_DIR}/config.json <<'EIP_RECLAIM_CONFIG'",
-            # Renders the tokens inside the JSON, keys included, as one Fn::Join.
-            stack.to_json_string(self.payload_config),
-            "EIP_RECLAIM_CONFIG",
-        )
+        # Fetches, verifies and installs the bundle with this configuration; the role may read that one
+        # object. A new bundle or configuration changes the user data, hence the launch template.
+        self.user_data = payload_user_data(self, bundle=bundle, config=self.payload_config, role=self.role)
         cpu = ec2.AmazonLinuxCpuType.ARM_64 if config.is_arm64 else ec2.AmazonLinuxCpuType.X86_64
         self.launch_template = ec2.LaunchTemplate(
             self,
@@ -180,6 +175,16 @@ class HealingGroup(Construct):
             # Named, not generated: the role's policy and the user data name the group, and a generated
             # name would make the group depend on its own launch template's user data.
             auto_scaling_group_name=group_name,
+            # A deploy that changes the launch template (payload, its configuration, the AMI) rolls the
+            # group in place: its fixed name rules out a replacing update. CloudFormation requires
+            # MinInstancesInService < MaxSize, so with one instance the old one goes first and the new
+            # one boots and takes the address (docs/deploy.md). The pause spans the hook's window, so
+            # the stack update ends only after the new instance has had its chance to report.
+            update_policy=autoscaling.UpdatePolicy.rolling_update(
+                max_batch_size=1,
+                min_instances_in_service=0,
+                pause_time=HOOK_HEARTBEAT,
+            ),
         )
         Tags.of(self.group).add(SERVICE_TAG, config.name, apply_to_launched_instances=True)
         cfn_group = self.group.node.default_child
@@ -206,6 +211,7 @@ class HealingServiceStack(Stack):
         *,
         config: ServiceConfig,
         network: Network,
+        bundle: BundleInfo,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
@@ -217,6 +223,7 @@ class HealingServiceStack(Stack):
             config=config,
             network=network,
             address=self.address,
+            bundle=bundle,
             group_name=self.stack_name,
         )
         if self.address.public_ip is not None:
