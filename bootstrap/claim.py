@@ -207,7 +207,17 @@ def complete_lifecycle(
             LifecycleActionResult=result,
             InstanceId=instance_id,
         )
-    except (ClientError, BotoConnectionError, HTTPClientError, TransientError) as err:
+    except ClientError as err:
+        message = str(err.response.get("Error", {}).get("Message", ""))
+        if _error_code(err) == "ValidationError" and "No active Lifecycle Action" in message:
+            # Every run but the first boot's (reboots, the re-check timer): nothing is waiting.
+            LOG.info("lifecycle: no pending launch action for this instance; nothing to complete")
+        else:
+            LOG.warning(
+                "lifecycle: %s for %s/%s not completed: %s", result, hook.auto_scaling_group, hook.hook, err
+            )
+        return False
+    except (BotoConnectionError, HTTPClientError, TransientError) as err:
         LOG.warning(
             "lifecycle: %s for %s/%s not completed: %s", result, hook.auto_scaling_group, hook.hook, err
         )

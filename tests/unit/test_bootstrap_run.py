@@ -362,6 +362,18 @@ def test_lifecycle_failure_is_logged_not_fatal(rig: Rig, capsys: pytest.CaptureF
     assert "CONTINUE" in capsys.readouterr().err
 
 
+def test_no_pending_lifecycle_action_is_not_a_warning(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig.ec2 = FakeEc2(holder=SELF)
+    rig.autoscaling = FakeAutoScaling(error=client_error("ValidationError", 400, "CompleteLifecycleAction"))
+    rig.autoscaling.error.response["Error"]["Message"] = (  # type: ignore[union-attr]
+        "No active Lifecycle Action found with instance ID i-0123456789abcdef0"
+    )
+    assert rig.main() == 0
+    err = capsys.readouterr().err
+    assert "no pending launch action" in err
+    assert "WARNING" not in err
+
+
 def test_lifecycle_uses_a_fresh_client_made_after_the_restore(rig: Rig) -> None:
     clients = rig.deps().clients
     order: list[str] = []
