@@ -57,6 +57,35 @@ def test_several_services_share_one_network_and_one_adopts_an_address() -> None:
     assert config.network.az_count == 3
 
 
+def test_the_payload_is_bundled_for_amazon_linux_2023s_python_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The instance runs the AMI's own python3 (3.9 on AL2023); a newer AMI's can be named instead.
+    from aws_cdk import App
+
+    from stacks import assembly
+    from stacks.bundle import BundleInfo
+
+    assert parse(DEFAULT_RAW).payload_python_version == "3.9"
+    config = parse(with_change("payload_python_version", "3.11"))
+    asked: list[str] = []
+
+    def fake_build_bundle(*, python_version: str) -> BundleInfo:
+        asked.append(python_version)
+        path = REPO / "cdk.json"  # any file: the stacks only stage it
+        return BundleInfo(path=path, sha256="0" * 64, size=1, file_count=1, input_hash="x")
+
+    monkeypatch.setattr(assembly, "build_bundle", fake_build_bundle)
+    stacks = assembly.build(App(), parse(MULTI_RAW), checks=False)
+    assembly.build(App(), config, checks=False)
+    # Built once per app, whatever the number of services, for the configured version.
+    assert asked == ["3.9", "3.11"]
+    for stack in stacks.services:  # each service installs that one bundle
+        assert f"bundle_sha256='{'0' * 64}'" in json.dumps(
+            stack.resolve(stack.healing_group.user_data.render())
+        )
+
+
 def test_the_config_is_frozen() -> None:
     # Built once in app.py; nothing below may change it.
     config = parse(DEFAULT_RAW)
@@ -134,6 +163,18 @@ BAD_CONFIGS = {
     "bad instance type": (
         with_change("services[0].instance_type", "t4g"),
         "services[0].instance_type: 't4g' is not",
+    ),
+    "payload Python older than the payload's floor": (
+        with_change("payload_python_version", "3.8"),
+        "payload_python_version: '3.8' must be the instance's python3 as major.minor, 3.9 or later",
+    ),
+    "payload Python with a patch level": (
+        with_change("payload_python_version", "3.9.16"),
+        "payload_python_version: '3.9.16' must be",
+    ),
+    "payload Python as a number": (
+        with_change("payload_python_version", 3.9),
+        "payload_python_version: expected a string, got float",
     ),
 }
 

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zipfile
+from pathlib import Path
 from typing import Any
 
+import aws_cdk as cdk
 import pytest
+from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk.assertions import Match, Template
 
-from stacks.healing_service import ELASTIC_IP_LOGICAL_ID, LIFECYCLE_HOOK_NAME, SERVICE_TAG
+from stacks.assembly import build
+from stacks.bundle import BundleInfo
+from stacks.config import parse
+from stacks.healing_service import ELASTIC_IP_LOGICAL_ID, HOOK_HEARTBEAT, LIFECYCLE_HOOK_NAME, SERVICE_TAG
 from stacks.payload_config import DEADLINE_SECONDS
-from tests.unit.cdk_app import Synthesized, default_app, multi_app
+from stacks.user_data import USER_DATA_LIMIT
+from tests.unit.cdk_app import DEFAULT_RAW, FEATURE_FLAGS, Synthesized, default_app, multi_app
 
 REGION = "ap-southeast-2"
+ACCOUNT = "123456789012"
 ALLOCATION = "eipalloc-0fedcba9876543210"
 PARTITION_ARN = {"Ref": "AWS::Partition"}
+# The bootstrap bucket as a deploy in ACCOUNT and REGION names it.
+ASSET_BUCKET = f"cdk-hnb659fds-assets-{ACCOUNT}-{REGION}"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +71,7 @@ def test_the_role_may_describe_addresses_anywhere_but_change_nothing_else_broadl
         "TakeThisAddress",
         "OnlyOntoThisServicesInstances",
         "ReportTheLaunch",
+        "ReadThePayload",
     }
     assert by_sid["FindTheAddressAndItsHolder"] == {
         "Sid": "FindTheAddressAndItsHolder",
@@ -231,6 +244,13 @@ def render(value: Any, network: dict[str, Any]) -> str:
         return str(sep).join(render(part, network) for part in parts)
     if value == {"Ref": "AWS::Region"}:
         return REGION
+    if value == {"Ref": "AWS::Partition"}:
+        return "aws"
+    if "Fn::Sub" in value:  # the asset bucket: the bootstrap bucket of the account and region
+        text = str(value["Fn::Sub"])
+        text = text.replace("${AWS::AccountId}", ACCOUNT).replace("${AWS::Region}", REGION)
+        assert "${" not in text, text
+        return text
     if value == {"Fn::GetAtt": [ELASTIC_IP_LOGICAL_ID, "AllocationId"]}:
         return ALLOCATION
     if "Fn::GetStackOutput" in value:
@@ -239,14 +259,19 @@ def render(value: Any, network: dict[str, Any]) -> str:
     raise AssertionError(f"unexpected expression in user data: {value}")
 
 
+def user_data_of(template: Template, network: dict[str, Any]) -> str:
+    """The launch template's user data as the instance receives it, with stand-ins for deploy-time values."""
+    user_data = the(template, "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["UserData"]
+    return render(user_data["Fn::Base64"], network)
+
+
 def payload_config_of(template: Template, network: dict[str, Any]) -> dict[str, Any]:
     """The JSON object the user data writes to /etc/eip-reclaim/config.json."""
-    user_data = the(template, "AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]["UserData"][
-        "Fn::Base64"
-    ]
-    script = render(user_data, network)
-    (line,) = [line for line in script.splitlines() if line.startswith('{"')]
-    return json.loads(line)  # type: ignore[no-any-return]
+    lines = user_data_of(template, network).splitlines()
+    # The heredoc the lab reads too: its marker, then the configuration on one line.
+    (start,) = [i for i, line in enumerate(lines) if line.endswith("<<'EIP_RECLAIM_CONFIG'")]
+    assert lines[start + 2] == "EIP_RECLAIM_CONFIG"
+    return json.loads(lines[start + 1])  # type: ignore[no-any-return]
 
 
 def nat_ip_by_subnet(network: dict[str, Any]) -> dict[str, str]:
@@ -274,6 +299,115 @@ def test_user_data_carries_the_payload_config_with_the_generated_subnet_nat_map(
         "deadline_seconds": DEADLINE_SECONDS,
     }
     assert sorted(config["nat_by_subnet"].values()) == ["10.0.0.4", "10.0.1.4"]
+
+
+def payload_asset(app: Synthesized, stack: cdk.Stack) -> s3_assets.Asset:
+    asset = stack.node.find_child("Healing").node.find_child("Payload")
+    assert isinstance(asset, s3_assets.Asset)
+    return asset
+
+
+def test_user_data_fetches_the_payload_asset_and_checks_the_bundles_hash(
+    app: Synthesized, template: Template
+) -> None:
+    # The instance installs exactly the bundle this synth built: the asset's object, verified by its SHA-256.
+    script = user_data_of(template, app.template_json(app.network))
+    key = payload_asset(app, app.service).s3_object_key
+    assert f"bundle_url='s3://{ASSET_BUCKET}/{key}'\n" in script
+    assert f"bundle_sha256='{app.stacks.bundle.sha256}'\n" in script
+    assert script.startswith("#!/bin/bash\nset -euo pipefail\n")
+    # The asset is the bundle itself, staged into the cloud assembly for upload.
+    staged = app.outdir / f"asset.{payload_asset(app, app.service).asset_hash}.zip"
+    assert hashlib.sha256(staged.read_bytes()).hexdigest() == app.stacks.bundle.sha256
+
+
+def test_the_role_reads_only_the_payload_object(app: Synthesized, template: Template) -> None:
+    # One GetObject on the one object: no listing, no other asset of the shared bootstrap bucket.
+    network = app.template_json(app.network)
+    (statement,) = [s for s in statements(template) if s["Sid"] == "ReadThePayload"]
+    assert statement["Action"] == "s3:GetObject"
+    key = payload_asset(app, app.service).s3_object_key
+    assert render(statement["Resource"], network) == f"arn:aws:s3:::{ASSET_BUCKET}/{key}"
+    s3_actions = [
+        action
+        for s in statements(template)
+        for action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+        if action.startswith("s3:")
+    ]
+    assert s3_actions == ["s3:GetObject"]
+
+
+def test_user_data_stays_far_below_the_16_kb_limit(app: Synthesized, template: Template) -> None:
+    # EC2 refuses more than 16 KB; the config grows with the AZ count, so keep a wide margin.
+    size = len(user_data_of(template, app.template_json(app.network)).encode())
+    print(f"\nuser data of the default service: {size} bytes ({size / USER_DATA_LIMIT:.0%} of 16 KB)")
+    assert size < USER_DATA_LIMIT // 4
+
+
+def test_a_new_launch_template_rolls_the_group_one_instance_at_a_time(template: Template) -> None:
+    # The group's name is fixed, so only a rolling update can replace its instance; with MaxSize 1,
+    # CloudFormation needs MinInstancesInService 0. The pause spans the launch hook's window, and the
+    # processes that would fight the update are suspended (Launch and Terminate must stay on).
+    group = the(template, "AWS::AutoScaling::AutoScalingGroup")
+    policy = group["UpdatePolicy"]["AutoScalingRollingUpdate"]
+    assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 0)
+    assert policy["MinInstancesInService"] < int(group["Properties"]["MaxSize"])
+    assert policy["PauseTime"] == f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"
+    assert HOOK_HEARTBEAT.to_seconds() >= DEADLINE_SECONDS + 60
+    assert "WaitOnResourceSignals" not in policy  # the payload reports through the hook, not cfn-signal
+    assert {"HealthCheck", "ReplaceUnhealthy", "AZRebalance", "ScheduledActions"} <= set(
+        policy["SuspendProcesses"]
+    )
+    assert not {"Launch", "Terminate"} & set(policy["SuspendProcesses"])
+    assert "AutoScalingReplacingUpdate" not in group["UpdatePolicy"]
+    # The group follows the template's newest version, so a new version is a change to the group.
+    assert group["Properties"]["LaunchTemplate"]["Version"] == {
+        "Fn::GetAtt": [logical_id_of(template, "AWS::EC2::LaunchTemplate"), "LatestVersionNumber"]
+    }
+
+
+def test_new_payload_bytes_change_the_user_data_and_no_logical_id(
+    app: Synthesized, template: Template, tmp_path: Path
+) -> None:
+    # A payload edit must reach the instance (new user data -> new launch template version -> rolling
+    # update) without renaming anything stateful: the address, the group, the template itself.
+    other = tmp_path / "other-bundle.zip"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("bootstrap/__init__.py", "# another payload\n")
+    data = other.read_bytes()
+    bundle = BundleInfo(
+        path=other, sha256=hashlib.sha256(data).hexdigest(), size=len(data), file_count=1, input_hash="x"
+    )
+    assert bundle.sha256 != app.stacks.bundle.sha256
+    rebuilt = cdk.App(context=FEATURE_FLAGS, outdir=str(tmp_path / "cdk.out"))
+    # With the checks, as `cdk synth` runs: CDK's own validations want the acknowledgements.
+    stacks = build(rebuilt, parse(DEFAULT_RAW), bundle=bundle)
+    rebuilt.synth()
+    changed = Template.from_json(
+        json.loads((tmp_path / "cdk.out" / f"{stacks.services[0].artifact_id}.template.json").read_text())
+    )
+
+    before, after = template.to_json()["Resources"], changed.to_json()["Resources"]
+    assert sorted(after) == sorted(before)
+    assert {r["Type"]: k for k, r in after.items()} == {r["Type"]: k for k, r in before.items()}
+    assert ELASTIC_IP_LOGICAL_ID in after
+    network = app.template_json(app.network)
+    old_script, new_script = user_data_of(template, network), user_data_of(changed, network)
+    assert f"bundle_sha256='{bundle.sha256}'" in new_script and app.stacks.bundle.sha256 not in new_script
+    key = stacks.services[0].node.find_child("Healing").node.find_child("Payload")
+    assert isinstance(key, s3_assets.Asset) and f"/{key.s3_object_key}'" in new_script
+    assert old_script != new_script
+    # Only the user data and the one object the role may read differ.
+    diff = {
+        logical_id
+        for logical_id in before
+        if json.dumps(before[logical_id], sort_keys=True) != json.dumps(after[logical_id], sort_keys=True)
+    }
+    assert diff == {
+        logical_id_of(template, "AWS::EC2::LaunchTemplate"),
+        logical_id_of(template, "AWS::IAM::Policy"),
+    }
+    assert payload_config_of(changed, network) == payload_config_of(template, network)
 
 
 def test_outputs_give_the_address_its_allocation_and_the_group(template: Template) -> None:
