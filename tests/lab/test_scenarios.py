@@ -236,3 +236,36 @@ def test_11_overlap_during_a_refresh_the_newer_keeps_it(lab: vpc.Lab) -> None:
     assert len(calls_by(lab, older, "AssociateAddress")) == 1  # only its own first heal
     assert lab.holder() == newer.instance_id
     assert lab.client_get() == newer.instance_id
+
+
+def test_the_gateway_follows_moto_without_the_proxy(lab: vpc.Lab) -> None:
+    """Associations made behind the proxy's back reach the gateway by its 50 ms poll alone."""
+    instance = lab.boot(0)
+    lab.in_internet(
+        lambda: lab.ec2().associate_address(AllocationId=lab.allocation_id, InstanceId=instance.instance_id)
+    )
+    vpc.wait_for(lambda: lab.client_get(timeout=0.5) == instance.instance_id, "forwarding", timeout=5)
+    association = lab.in_internet(lambda: lab.ec2().describe_addresses(PublicIps=[vpc.EIP]))["Addresses"][0]
+    lab.in_internet(lambda: lab.ec2().disassociate_address(AssociationId=association["AssociationId"]))
+    vpc.wait_for(lambda: lab.client_get(timeout=0.3) is None, "forwarding to stop", timeout=5)
+
+
+def test_lease_renewal_during_the_detour_is_undone_and_restored(lab: vpc.Lab) -> None:
+    """systemd-networkd puts its DHCP default route back on a lease renewal, in the middle of a detour;
+    the run re-asserts the detour, heals, and leaves exactly the original routes."""
+    instance = lab.boot(0)
+    before = instance.routes()
+    lab.set_api_faults(delay={"DescribeAddresses": 1.0})
+    proc = instance.start_payload()
+    nat = str(instance.subnet.nat_ip)
+    vpc.wait_for(lambda: f"via {nat}" in instance.default_route(), "the detour", timeout=20)
+    router = str(instance.subnet.router_ip)
+    # What networkd does on renewal: its own default route, same metric, replacing the detour.
+    instance.ns.ip(
+        "route", "replace", "default", "via", router, "dev", "ens5", "proto", "dhcp",
+        "src", instance.private_ip, "metric", vpc.DHCP_METRIC,
+    )  # fmt: skip
+    run = instance.finish(proc)
+    assert run.returncode == 0, run.stderr
+    assert instance.routes() == before, run.stderr
+    assert lab.client_get() == instance.instance_id
