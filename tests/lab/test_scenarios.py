@@ -155,11 +155,11 @@ def test_6_sigkill_mid_detour_then_the_next_run_heals(lab: vpc.Lab) -> None:
     before = instance.routes()
     # Hold the first API call so the run sits in the detour long enough to be killed there.
     lab.set_api_faults(delay={"DescribeAddresses": 30})
-    proc = instance.start_payload()
+    running = instance.start_payload()
     nat = str(instance.subnet.nat_ip)
     vpc.wait_for(lambda: f"via {nat}" in instance.default_route(), "the detour", timeout=20)
-    os.killpg(proc.pid, signal.SIGKILL)
-    killed = instance.finish(proc)
+    os.killpg(running.proc.pid, signal.SIGKILL)
+    killed = instance.finish(running)
     assert killed.returncode == -signal.SIGKILL
     assert f"via {nat}" in instance.default_route()  # the kill left the detour in place
     lab.set_api_faults()
@@ -256,7 +256,7 @@ def test_lease_renewal_during_the_detour_is_undone_and_restored(lab: vpc.Lab) ->
     instance = lab.boot(0)
     before = instance.routes()
     lab.set_api_faults(delay={"DescribeAddresses": 1.0})
-    proc = instance.start_payload()
+    running = instance.start_payload()
     nat = str(instance.subnet.nat_ip)
     vpc.wait_for(lambda: f"via {nat}" in instance.default_route(), "the detour", timeout=20)
     router = str(instance.subnet.router_ip)
@@ -265,7 +265,7 @@ def test_lease_renewal_during_the_detour_is_undone_and_restored(lab: vpc.Lab) ->
         "route", "replace", "default", "via", router, "dev", "ens5", "proto", "dhcp",
         "src", instance.private_ip, "metric", vpc.DHCP_METRIC,
     )  # fmt: skip
-    run = instance.finish(proc)
+    run = instance.finish(running)
     assert run.returncode == 0, run.stderr
     assert instance.routes() == before, run.stderr
     assert lab.client_get() == instance.instance_id

@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import http.client
-import ipaddress
 import itertools
 import json
 import os
@@ -64,6 +63,10 @@ CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
+def az_name(index: int) -> str:
+    return f"{REGION}{chr(ord('a') + index)}"
+
+
 def nat_uplink_ip(index: int) -> str:
     return f"198.51.100.{11 + index}"
 
@@ -101,6 +104,13 @@ class PayloadRun:
     @property
     def seconds(self) -> float:
         return self.ended - self.started
+
+
+@dataclass
+class RunningPayload:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    started: float
 
 
 @dataclass
@@ -145,24 +155,24 @@ class Instance:
         env.update(extra or {})
         return env
 
-    def start_payload(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """The real payload, in this namespace only; stderr goes to a file the run records."""
+    def start_payload(self, env: dict[str, str] | None = None) -> RunningPayload:
+        """The real payload, in this namespace only; its output goes to a file the run records."""
         log = self.state_dir.parent / f"{self.instance_id}-payload-{len(self.runs)}.log"
-        out = log.open("wb")
-        proc = self.ns.popen(self.payload_argv(), cwd=REPO, env=self.payload_env(env), stdout=out, stderr=out)
-        proc.lab_log = log  # type: ignore[attr-defined]
-        proc.lab_started = time.monotonic()  # type: ignore[attr-defined]
-        out.close()
-        return proc
+        with log.open("wb") as out:
+            started = time.monotonic()
+            proc = self.ns.popen(
+                self.payload_argv(), cwd=REPO, env=self.payload_env(env), stdout=out, stderr=out
+            )
+        return RunningPayload(proc, log, started)
 
-    def finish(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> PayloadRun:
-        returncode = proc.wait(timeout=timeout)
+    def finish(self, running: RunningPayload, timeout: float = 60) -> PayloadRun:
+        returncode = running.proc.wait(timeout=timeout)
         run = PayloadRun(
             instance_id=self.instance_id,
-            started=proc.lab_started,  # type: ignore[attr-defined]
+            started=running.started,
             ended=time.monotonic(),
             returncode=returncode,
-            stderr=proc.lab_log.read_text(),  # type: ignore[attr-defined]
+            stderr=running.log.read_text(),
         )
         self.runs.append(run)
         self.lab.event(
@@ -191,7 +201,6 @@ class Lab:
         self.timeline: list[dict[str, Any]] = []
         self._host_numbers = itertools.count(10)
         self._ports = itertools.count()
-        self._control = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         hook = lab_spec.config.get("lifecycle_hook") or {}
         group = hook.get("auto_scaling_group", spec.AUTO_SCALING_GROUP)
         # The group the user data names, unless CloudFormation would name it at deploy.
@@ -347,7 +356,7 @@ class Lab:
             "subnet_id": self.subnet_ids[subnet.key],
             "subnet_cidr": str(subnet.cidr),
             "vpc_cidr": str(self.spec.vpc_cidr),
-            "az": f"{REGION}{'abc'[az_index]}",
+            "az": az_name(az_index),
             "region": REGION,
             "role": ROLE,
             # Each instance its own key, so the API's log says which instance made a call.
@@ -425,6 +434,7 @@ class Lab:
     # -- building ---------------------------------------------------------------------------------
     router: netns.Netns
     internet: netns.Netns
+    _control: concurrent.futures.ThreadPoolExecutor
 
     def _build(self) -> None:
         internet = self.internet = self.stack.enter_context(netns.netns("inet"))
@@ -458,14 +468,9 @@ class Lab:
             routerns.ip("addr", "add", f"{subnet.resolver_ip}/32", "dev", bridge)
             routerns.ip("link", "set", bridge, "up")
 
-        moto = internet.popen(
-            [PYTHON, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(MOTO_PORT)],
-            cwd=self.dir,
-            stdout=(self.dir / "moto.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        del moto
-        internet.popen(
+        self._spawn(internet, [PYTHON, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(MOTO_PORT)], "moto")
+        self._spawn(
+            internet,
             [
                 PYTHON,
                 "-m",
@@ -477,11 +482,10 @@ class Lab:
                 "--sync-url",
                 f"http://{ROUTER_UPLINK_IP}:{router.SYNC_PORT}/sync",
             ],
-            cwd=REPO,
-            env=self._daemon_env(),
-            stderr=(self.dir / "api.log").open("wb"),
+            "api",
         )
-        routerns.popen(
+        self._spawn(
+            routerns,
             [
                 PYTHON,
                 "-m",
@@ -497,9 +501,7 @@ class Lab:
                 "--sync-address",
                 ROUTER_UPLINK_IP,
             ],
-            cwd=REPO,
-            env=self._daemon_env(),
-            stderr=(self.dir / "router.log").open("wb"),
+            "router",
         )
 
         def control_client() -> Any:
@@ -530,6 +532,11 @@ class Lab:
         )
         self.reset()
 
+    def _spawn(self, ns: netns.Netns, argv: list[str], name: str) -> None:
+        """A lab daemon in a namespace, its output in <name>.log (it dies with the namespace)."""
+        with (self.dir / f"{name}.log").open("wb") as log:
+            ns.popen(argv, cwd=REPO, env=self._daemon_env(), stdout=log, stderr=subprocess.STDOUT)
+
     def _daemon_env(self) -> dict[str, str]:
         return {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
 
@@ -541,7 +548,7 @@ class Lab:
                 created = self._ec2.create_subnet(
                     VpcId=vpc,
                     CidrBlock=str(subnet.cidr),
-                    AvailabilityZone=f"{REGION}{'abc'[subnet.az_index]}",
+                    AvailabilityZone=az_name(subnet.az_index),
                 )
                 ids[subnet.key] = created["Subnet"]["SubnetId"]
             return ids
@@ -599,12 +606,13 @@ class Lab:
             "subnet_id": self.subnet_ids[subnet.key],
             "subnet_cidr": str(subnet.cidr),
             "vpc_cidr": str(self.spec.vpc_cidr),
-            "az": f"{REGION}{'abc'[index]}",
+            "az": az_name(index),
             "region": REGION,
             "role": "lab-nat-role",
             "access_key_id": "ASIANAT" + nat_id[2:].upper(),
         }
-        ns.popen(
+        self._spawn(
+            ns,
             [
                 PYTHON,
                 "-m",
@@ -616,9 +624,7 @@ class Lab:
                 "--fixed-identity",
                 json.dumps(identity),
             ],
-            cwd=REPO,
-            env=self._daemon_env(),
-            stderr=(self.dir / f"nat{index}.log").open("wb"),
+            f"nat{index}",
         )
 
 
@@ -666,8 +672,3 @@ def build(lab_spec: spec.Spec | None = None) -> Iterator[Lab]:
             print(f"lab files kept in {directory}", file=sys.stderr)
         else:
             shutil.rmtree(directory, ignore_errors=True)
-
-
-def subnet_of(address: str, lab_spec: spec.Spec) -> spec.Subnet:
-    ip = ipaddress.IPv4Address(address)
-    return next(s for s in lab_spec.subnets if ip in s.cidr)
