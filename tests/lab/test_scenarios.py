@@ -50,8 +50,10 @@ def test_the_gateway_forwards_only_for_the_holder(lab: vpc.Lab) -> None:
     """Before any heal, the instance is unreachable at the Elastic IP and cannot reach the API itself."""
     instance = lab.boot(0)
     assert lab.client_get(timeout=0.5) is None
-    reach = instance.ns.run("curl", "-s", "-m", "1", vpc.EC2_URL, check=False)
-    assert reach.returncode != 0  # no public address, no way out: the reason for the detour
+    connect = f"import socket; socket.create_connection(('{vpc.INTERNET_IP}', 8080), timeout=1)"
+    reach = instance.ns.run(vpc.PYTHON, "-c", connect, check=False)
+    assert reach.returncode != 0, reach.stdout  # no public address, no way out: the reason for the detour
+    assert "timed out" in reach.stderr  # dropped by the gateway, not refused by anyone
     assert (instance.private_ip, 8080) in lab.egress_attempts()
 
 

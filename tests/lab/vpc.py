@@ -445,7 +445,7 @@ class Lab:
             )
         )
         for ns in (internet, routerns):
-            ns.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
+            set_sysctls(ns, {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"})
 
         internet.ip("link", "add", "inet", "type", "bridge")
         internet.ip("addr", "add", f"{INTERNET_IP}/24", "dev", "inet")
@@ -458,7 +458,7 @@ class Lab:
         internet.ip("link", "set", "p-router", "master", "inet", "up")
         routerns.ip("addr", "add", f"{ROUTER_UPLINK_IP}/24", "dev", "uplink")
         routerns.ip("link", "set", "uplink", "up")
-        routerns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        set_sysctls(routerns, {"net.ipv4.ip_forward": "1"})
         for address in LINK_LOCAL:
             routerns.ip("addr", "add", f"{address}/32", "dev", "lo")
         for subnet in self.spec.subnets:
@@ -582,7 +582,8 @@ class Lab:
         ns.ip("addr", "add", f"{nat_uplink_ip(index)}/24", "dev", "uplink")
         ns.ip("link", "set", "uplink", "up")
         ns.ip("route", "add", "default", "via", INTERNET_IP)
-        ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0")
+        # What the NAT's user data sets (sysctl.d); rp_filter off as in every lab namespace.
+        set_sysctls(ns, {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"})
         ns.run("iptables-restore", input=nat_rules(str(self.spec.vpc_cidr)))
         for address in LINK_LOCAL:
             ns.ip("addr", "add", f"{address}/32", "dev", "lo")
@@ -626,6 +627,13 @@ class Lab:
             ],
             f"nat{index}",
         )
+
+
+def set_sysctls(ns: netns.Netns, values: dict[str, str]) -> None:
+    """Network sysctls of one namespace only (/proc/sys/net is the writer's namespace's), without
+    depending on procps being installed."""
+    script = "".join(f"echo {v} > /proc/sys/{k.replace('.', '/')}\n" for k, v in values.items())
+    ns.run("sh", "-ec", script)
 
 
 def nat_rules(vpc_cidr: str) -> str:
