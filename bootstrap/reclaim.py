@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol, TextIO
 from bootstrap import routes
 from bootstrap.clock import Clock, Deadline
 from bootstrap.config import Config
-from bootstrap.errors import EXIT_OK, ConfigError, IdentityMismatch, LockBusy, ReclaimError, Terminated
+from bootstrap.errors import EXIT_OK, IdentityMismatch, ReclaimError, Terminated
 from bootstrap.imds import Credentials, Identity, Imds, ImdsError
 from bootstrap.interrupts import Interrupts
 from bootstrap.routes import DetourPlan, Netlink
@@ -76,7 +76,7 @@ def restore_until_done(netlink: Netlink, plan: DetourPlan, journal: Journal, int
             routes.restore(netlink, plan)
             journal.delete()
             return
-        except (Terminated, ReclaimError) as err:
+        except ReclaimError as err:
             if isinstance(err, routes.RouteError):
                 LOG.error("restore: %s; journal kept at %s for the next run", err, journal.path)
                 raise
@@ -175,6 +175,7 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         identity.public_ipv4 or "none",
     )
     outcome: Optional[Outcome] = None
+    creds: Optional[Credentials] = None
     try:
         nat = config.nat_for(identity.subnet_id)
         creds = deps.imds.credentials()
@@ -191,23 +192,28 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
             outcome = _detour_and_claim(deps, config, deadline, identity=identity, nat=nat, creds=creds)
     except ReclaimError as err:
         deps.interrupts.armed = False
-        if not isinstance(err, (Terminated, LockBusy)):
-            _complete(deps, config, identity.instance_id, "ABANDON")
+        # A stop request is not this instance's failure: no ABANDON for it.
+        if not isinstance(err, Terminated):
+            _complete(deps, config, identity.instance_id, "ABANDON", creds)
         raise
     deps.interrupts.armed = False
     LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
-    _complete(deps, config, identity.instance_id, "CONTINUE")
+    _complete(deps, config, identity.instance_id, "CONTINUE", creds)
     return EXIT_OK
 
 
-def _complete(deps: Deps, config: Config, instance_id: str, result: str) -> None:
+def _complete(
+    deps: Deps, config: Config, instance_id: str, result: str, creds: Optional[Credentials]
+) -> None:
     if config.lifecycle_hook is None:
         return
     from bootstrap.claim import complete_lifecycle  # noqa: PLC0415
 
     # A fresh client: the connections made through the NAT died with the detour.
     try:
-        client = deps.clients.autoscaling(config.autoscaling_endpoint_url, deps.imds.credentials())
+        if creds is None:
+            creds = deps.imds.credentials()
+        client = deps.clients.autoscaling(config.autoscaling_endpoint_url, creds)
     except ReclaimError as err:
         LOG.warning("lifecycle: %s not sent: %s", result, err)
         return
@@ -270,6 +276,3 @@ def pyroute2_netlink() -> Iterator[Netlink]:
 
     with IPRoute() as ipr:
         yield routes.PyRoute2Netlink(ipr)
-
-
-__all__ = ["ConfigError", "Deps", "dry_run", "pyroute2_netlink", "recover", "run"]
