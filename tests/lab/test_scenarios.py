@@ -57,6 +57,28 @@ def test_the_gateway_forwards_only_for_the_holder(lab: vpc.Lab) -> None:
     assert (instance.private_ip, 8080) in lab.egress_attempts()
 
 
+IMDS_CLIENT = """
+import sys, urllib.request, urllib.error
+base = "http://169.254.169.254/latest/"
+try:
+    urllib.request.urlopen(base + "meta-data/instance-id", timeout=2)
+except urllib.error.HTTPError as e:
+    print(e.code)
+put = urllib.request.Request(base + "api/token", method="PUT",
+                             headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+token = urllib.request.urlopen(put, timeout=2).read().decode()
+get = urllib.request.Request(base + "meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token})
+print(urllib.request.urlopen(get, timeout=2).read().decode())
+"""
+
+
+def test_the_imds_is_v2_only_and_answers_by_source(lab: vpc.Lab) -> None:
+    first, second = lab.boot(0), lab.boot(1)
+    for instance in (first, second):
+        answer = instance.ns.run(vpc.PYTHON, "-c", IMDS_CLIENT).stdout.split()
+        assert answer == ["401", instance.instance_id]
+
+
 def test_1_first_boot_takes_the_address(lab: vpc.Lab) -> None:
     instance = lab.boot(0)
     run = heal(lab, instance)
