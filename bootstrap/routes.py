@@ -32,6 +32,7 @@ LINK_LOCAL_PINS = {
     "time": "169.254.169.123/32",
 }
 PIN_NAMES = ("imds", "dns", "time", "vpc")
+UNSUPPORTED_ATTRIBUTES = ("RTA_MULTIPATH", "RTA_NH_ID", "RTA_ENCAP", "RTA_VIA")
 
 
 class RouteError(TransientError):
@@ -53,6 +54,9 @@ class Route:
     type: int = RTN_UNICAST
     flags: int = 0
     metrics: tuple[tuple[str, int], ...] = field(default=())
+    # Attributes this payload cannot write back (multipath next hops, nexthop objects, encapsulation):
+    # such a route is never replaced, because it could not be restored exactly.
+    unsupported: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:
         """The route in `ip route` words (the interface by index: names are not journaled)."""
@@ -70,6 +74,7 @@ class Route:
     def from_json(cls, data: dict[str, Any]) -> Route:
         values = dict(data)
         values["metrics"] = tuple((str(name), int(value)) for name, value in values.get("metrics", ()))
+        values["unsupported"] = tuple(str(name) for name in values.get("unsupported", ()))
         return cls(**values)
 
 
@@ -114,6 +119,7 @@ class PyRoute2Netlink:
                     type=msg["type"],
                     flags=msg["flags"] & RTNH_F_ONLINK,
                     metrics=tuple((str(k), int(v)) for k, v in metrics["attrs"]) if metrics else (),
+                    unsupported=tuple(a for a in UNSUPPORTED_ATTRIBUTES if msg.get(a) is not None),
                 )
             )
         return result
@@ -241,6 +247,12 @@ def plan_detour(
     )
     kept = tuple(dst for dst in unique if dst in existing)
     defaults = _defaults(table)
+    for route in defaults:
+        if route.unsupported:
+            raise RouteError(
+                f"routes: default route {route.describe()} has {', '.join(route.unsupported)}, which this "
+                "payload could not put back exactly; no change made"
+            )
     if defaults:
         best = defaults[0]
         # Same key (dst, table, metric) so the kernel replaces it in place; same protocol, source and

@@ -237,3 +237,19 @@ def test_mtu_and_a_second_default_route_come_back_exactly(w: World) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert w.all_routes() == before
+
+
+def test_a_multipath_default_route_is_refused_and_left_as_it_is(w: World) -> None:
+    w.inst.ip("route", "del", "default")
+    w.inst.ip(
+        "route",
+        "add",
+        *f"default proto dhcp metric 512 nexthop via {lab.ROUTER} dev {lab.IFNAME}".split(),
+        *f"nexthop via {lab.NAT} dev {lab.IFNAME}".split(),
+    )
+    before = w.all_routes()
+    code, _, err = w.run_payload(w.config())
+    assert code == 75, err
+    assert "RTA_MULTIPATH" in err
+    assert w.all_routes() == before
+    assert not w.journal.exists()

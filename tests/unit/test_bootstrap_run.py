@@ -432,6 +432,27 @@ def test_nat_outside_the_subnet_exits_2_and_touches_no_route(rig: Rig) -> None:
     assert rig.netlink.calls == []
 
 
+def test_a_default_route_that_could_not_be_restored_exactly_is_never_touched(rig: Rig) -> None:
+    rig.netlink.table[0] = replace(AL2023_TABLE[0], gateway=None, unsupported=("RTA_MULTIPATH",))
+    before = list(rig.netlink.table)
+    assert rig.main() == 75
+    assert rig.netlink.calls == []
+    assert rig.netlink.table == before
+
+
+def test_journaled_routes_round_trip_through_json(rig: Rig) -> None:
+    from bootstrap import routes
+
+    plan = routes.plan_detour(
+        rig.netlink,
+        mac="02:00:0a:00:00:0a",
+        subnet_cidr="10.0.0.0/24",
+        vpc_cidrs=["10.0.0.0/16"],
+        nat="10.0.0.4",
+    )
+    assert DetourPlan.from_json(json.loads(json.dumps(plan.to_json()))) == replace(plan, kept=())
+
+
 def test_interface_not_found_by_mac_exits_75_without_change(rig: Rig) -> None:
     rig.netlink.links = {}
     assert rig.main() == 75
