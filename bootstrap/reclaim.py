@@ -121,7 +121,10 @@ def _detour_and_claim(
             LOG.info(
                 "journal: %d default route(s) recorded in %s", len(plan.default_routes), deps.journal.path
             )
-            routes.apply_pins(netlink, plan)
+            pinned = routes.apply_pins(netlink, plan)
+            if pinned.pins != plan.pins:
+                plan = pinned
+                deps.journal.write({"plan": plan.to_json()})
             LOG.info(
                 "routes: pinned %s via %s (already routed, left alone: %s)",
                 ", ".join(p.dst for p in plan.pins) or "nothing",

@@ -265,15 +265,22 @@ def plan_detour(
     return DetourPlan(ifindex, router, nat, tuple(defaults), detour, pins, kept)
 
 
-def apply_pins(netlink: Netlink, plan: DetourPlan) -> None:
+def apply_pins(netlink: Netlink, plan: DetourPlan) -> DetourPlan:
+    """Add the planned pins; return the plan with only the pins this run really added."""
+    added = []
     for pin in plan.pins:
         try:
             netlink.add(pin)
         except RouteError as err:
             if getattr(err.__cause__, "code", None) != errno.EEXIST:
                 raise
-            # Appeared since the plan was made: harmless, and restore's delete matches this exact route.
-            LOG.debug("routes: pin %s already there", pin.dst)
+            # Someone else's route appeared since the plan was made: it is theirs, never to be removed.
+            LOG.info("routes: %s appeared meanwhile; left alone", pin.dst)
+            continue
+        added.append(pin)
+    return replace(
+        plan, pins=tuple(added), kept=plan.kept + tuple(p.dst for p in plan.pins if p not in added)
+    )
 
 
 def detour_in_place(netlink: Netlink, plan: DetourPlan) -> bool:

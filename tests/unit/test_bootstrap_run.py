@@ -88,6 +88,18 @@ def test_a_pin_that_already_exists_is_left_alone(rig: Rig, capsys: pytest.Captur
     assert "left alone: 169.254.169.254/32" in capsys.readouterr().err
 
 
+def test_a_pin_that_appears_between_plan_and_add_is_not_removed(rig: Rig) -> None:
+    theirs = Route(dst="169.254.169.253/32", gateway="10.0.0.1", oif=IFINDEX)
+
+    def race(command: str, route: Route) -> None:
+        if command == "add" and route.dst == theirs.dst and theirs not in rig.netlink.table:
+            rig.netlink.table.append(theirs)
+
+    rig.netlink.on_change = race
+    assert rig.main() == 0
+    assert rig.netlink.table == [*AL2023_TABLE, theirs]
+
+
 def test_botocore_itself_may_never_use_imdsv1(monkeypatch: pytest.MonkeyPatch) -> None:
     from bootstrap.aws import disable_imds_v1
 
