@@ -29,7 +29,8 @@ def client(endpoint: str) -> Any:
 
 
 def wait_ready(ec2: Any) -> None:
-    for _ in range(200):
+    # Up to 30 s: moto's server takes a few seconds to import on a busy CI machine.
+    for _ in range(600):
         try:
             ec2.describe_regions()
             return
