@@ -37,6 +37,17 @@ SUBNET_CIDR = "10.0.0.0/24"
 VPC_CIDR = "10.0.0.0/16"
 NAT_INSTANCE_ID = "i-0000000000000a7a7"
 
+# Set both to run these tests against an unpacked bundle (python -m stacks.bundle) under the instance's
+# interpreter, e.g. python3.9: the payload then starts as the systemd unit starts it (python3 -S).
+PAYLOAD_PYTHON_ENV = "EIP_RECLAIM_TEST_PAYLOAD_PYTHON"
+PAYLOAD_PATH_ENV = "EIP_RECLAIM_TEST_PAYLOAD_PATH"
+
+
+def _payload_argv() -> list[str]:
+    python = os.environ.get(PAYLOAD_PYTHON_ENV)
+    return [python, "-S", "-m", "bootstrap"] if python else [sys.executable, "-m", "bootstrap"]
+
+
 # Amazon Linux 2023's systemd-networkd routes after DHCP on the primary interface.
 AL2023_ROUTES = [
     f"10.0.0.0/24 dev {IFNAME} proto kernel scope link src {ADDRESS} metric 512",
@@ -54,10 +65,10 @@ class World:
     tmp: Path
     ids: dict[str, str] = field(default_factory=dict)
     moto: subprocess.Popen[bytes] | None = None
-    # How the payload is started: this checkout under the test interpreter, unless a benchmark points
-    # it at an unpacked bundle and another interpreter (as the instance runs it: python3 -S).
-    payload_argv: list[str] = field(default_factory=lambda: [sys.executable, "-m", "bootstrap"])
-    payload_path: str | None = None
+    # How the payload is started: this checkout under the test interpreter, unless the environment
+    # (above) or a benchmark points it at an unpacked bundle and the instance's interpreter.
+    payload_argv: list[str] = field(default_factory=_payload_argv)
+    payload_path: str | None = field(default_factory=lambda: os.environ.get(PAYLOAD_PATH_ENV))
 
     @property
     def state_dir(self) -> Path:
