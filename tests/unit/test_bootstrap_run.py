@@ -363,6 +363,35 @@ def test_a_second_signal_during_restore_does_not_cut_it_short(rig: Rig) -> None:
     assert rig.netlink.table == AL2023_TABLE
 
 
+def test_a_restore_cut_short_by_an_interrupt_is_run_again(rig: Rig) -> None:
+    from bootstrap import reclaim, routes
+    from bootstrap.errors import Terminated
+    from bootstrap.interrupts import Interrupts
+
+    plan = routes.plan_detour(
+        rig.netlink,
+        mac="02:00:0a:00:00:0a",
+        subnet_cidr="10.0.0.0/24",
+        vpc_cidrs=["10.0.0.0/16"],
+        nat="10.0.0.4",
+    )
+    rig.journal.write({"plan": plan.to_json()})
+    plan = routes.apply_pins(rig.netlink, plan)
+    rig.netlink.replace(plan.detour)
+    interrupted = []
+
+    def land_once(command: str, route: Route) -> None:
+        if command == "delete" and not interrupted:
+            interrupted.append(route)
+            raise Terminated("signal SIGTERM received")
+
+    rig.netlink.on_change = land_once
+    reclaim.restore_until_done(rig.netlink, plan, rig.journal, Interrupts())
+    assert interrupted
+    assert rig.netlink.table == AL2023_TABLE
+    assert not Path(rig.journal.path).exists()
+
+
 def test_no_lifecycle_hook_means_no_lifecycle_call(rig: Rig) -> None:
     assert rig.main(config=rig.config(lifecycle_hook=None)) == 0
     assert rig.autoscaling.completed == []
