@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 # Every namespace this test run makes starts with this; the pid keeps parallel runs apart and lets a
@@ -28,7 +28,7 @@ def can_run() -> bool:
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30, input: str | None = None) -> str:
     """Run a command in the caller's namespace; raise with its stderr on failure."""
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, input=input)
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} -> {done.returncode}: {done.stderr.strip()}")
     return done.stdout
@@ -47,7 +47,9 @@ class Netns:
     def run(
         self, *cmd: str, check: bool = True, timeout: float = 30, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(self.argv(cmd), capture_output=True, text=True, timeout=timeout, input=input)
+        done = subprocess.run(
+            self.argv(cmd), check=False, capture_output=True, text=True, timeout=timeout, input=input
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"[{self.name}] {' '.join(cmd)} -> {done.returncode}: {done.stderr.strip()}")
         return done
@@ -65,17 +67,13 @@ class Netns:
         """Kill what this namespace runs: our own children first, then anything `ip netns pids` still sees."""
         for proc in self._procs:
             if proc.poll() is None:
-                try:
+                with suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait(timeout=10)
         pids = sh("ip", "netns", "pids", self.name, check=False).split()
         for pid in pids:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _new_name(tag: str) -> str:
@@ -86,7 +84,7 @@ def delete(name: str) -> None:
     ns = Netns(name)
     ns.kill_all()
     for _ in range(50):
-        if subprocess.run(["ip", "netns", "delete", name], capture_output=True).returncode == 0:
+        if subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True).returncode == 0:
             return
         if name not in list_namespaces():
             return
