@@ -83,6 +83,7 @@ def ec2_handler(moto: tuple[str, int], sync_url: str, faults: Faults, log: Path)
             action = form.get("Action", ["?"])[0]
             key = _CREDENTIAL.search(self.headers.get("Authorization", ""))
             record: dict[str, Any] = {
+                "t": time.monotonic(),  # when the request arrived: the order the timeline shows
                 "src": self.client_address[0],
                 "action": action,
                 "access_key": key.group(1) if key else None,
@@ -111,6 +112,7 @@ def ec2_handler(moto: tuple[str, int], sync_url: str, faults: Faults, log: Path)
                         urllib.request.Request(sync_url, data=b"", method="POST"), timeout=5
                     )
             record["status"] = status
+            record["seconds"] = round(time.monotonic() - record["t"], 4)
             jsonl.append(log, record)
             self.reply(status, answer)
 

@@ -12,7 +12,8 @@ _lock = threading.Lock()
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
-    """One line per event; `t` is CLOCK_MONOTONIC, which every namespace shares, so logs interleave."""
+    """One line per event; `t` (now, unless the record has its own) is CLOCK_MONOTONIC, which every
+    namespace shares, so the logs of all the lab's processes interleave."""
     line = json.dumps({"t": time.monotonic(), **record}) + "\n"
     with _lock, path.open("a") as out:
         out.write(line)

@@ -46,11 +46,9 @@ def collect(lab: vpc.Lab) -> list[tuple[float, str, str]]:
         lines.append((float(event["t"]), "lab", f"{event['event']} {details}".strip()))
     for instance in lab.instances:
         for run in instance.runs:
-            for line in run.stderr.splitlines():
+            for t, line in run.lines:
                 match = _ELAPSED.match(line)
-                if match:
-                    t = run.started + int(match.group(1)) / 1000
-                    lines.append((t, f"payload {instance.instance_id[-6:]}", match.group(2)))
+                lines.append((t, f"payload {instance.instance_id[-6:]}", match.group(2) if match else line))
     for call in lab.ec2_calls():
         fault = f" [{call['fault']}]" if call.get("fault") else ""
         lines.append(

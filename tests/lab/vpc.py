@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -100,6 +101,7 @@ class PayloadRun:
     ended: float
     returncode: int
     stderr: str
+    lines: list[tuple[float, str]]
 
     @property
     def seconds(self) -> float:
@@ -109,8 +111,9 @@ class PayloadRun:
 @dataclass
 class RunningPayload:
     proc: subprocess.Popen[bytes]
-    log: Path
     started: float
+    lines: list[tuple[float, str]]  # (when it arrived, the line): the payload's log as it happened
+    reader: threading.Thread
 
 
 @dataclass
@@ -157,23 +160,36 @@ class Instance:
         return env
 
     def start_payload(self, env: dict[str, str] | None = None) -> RunningPayload:
-        """The real payload, in this namespace only; its output goes to a file the run records."""
-        log = self.state_dir.parent / f"{self.instance_id}-payload-{len(self.runs)}.log"
-        with log.open("wb") as out:
-            started = time.monotonic()
-            proc = self.ns.popen(
-                self.payload_argv(), cwd=REPO, env=self.payload_env(env), stdout=out, stderr=out
-            )
-        return RunningPayload(proc, log, started)
+        """The real payload, in this namespace only; each output line is timestamped as it arrives."""
+        started = time.monotonic()
+        proc = self.ns.popen(
+            self.payload_argv(),
+            cwd=REPO,
+            env=self.payload_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        lines: list[tuple[float, str]] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                lines.append((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        return RunningPayload(proc, started, lines, reader)
 
     def finish(self, running: RunningPayload, timeout: float = 60) -> PayloadRun:
         returncode = running.proc.wait(timeout=timeout)
+        running.reader.join(timeout=5)
         run = PayloadRun(
             instance_id=self.instance_id,
             started=running.started,
             ended=time.monotonic(),
             returncode=returncode,
-            stderr=running.log.read_text(),
+            stderr="\n".join(line for _t, line in running.lines),
+            lines=running.lines,
         )
         self.runs.append(run)
         self.lab.event(
