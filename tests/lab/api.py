@@ -55,7 +55,17 @@ class Faults:
                 self._raw, self._calls = raw, 0
                 self._spec = json.loads(raw) if raw.strip() else {}
             self._calls += 1
-            return {**self._spec, "index": self._calls}
+            return {**self._spec, "index": self._calls, "raw": raw}
+
+    def hold(self, seconds: float, raw: str) -> bool:
+        """Sleep up to `seconds`; False as soon as the switches change (the test that asked is over)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            current = self.path.read_text() if self.path.exists() else ""
+            if current != raw:
+                return False
+            time.sleep(0.05)
+        return True
 
 
 class _Quiet(BaseHTTPRequestHandler):
@@ -90,8 +100,10 @@ def ec2_handler(moto: tuple[str, int], sync_url: str, faults: Faults, log: Path)
             }
             spec = faults.next()
             delay = float(spec.get("delay", {}).get(action, 0))
-            if delay:
-                time.sleep(delay)
+            if delay and not faults.hold(delay, spec["raw"]):
+                # Dropped unanswered: a call held for a finished test must not reach moto or a later log.
+                self.close_connection = True
+                return
             if spec["index"] <= int(spec.get("throttle_first", 0)):
                 status, answer, record["fault"] = (
                     503,
