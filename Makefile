@@ -61,7 +61,7 @@ lab: setup
 ## bench: heal latency, failover downtime and the floor in the VPC lab, as JSON (root)
 bench: setup
 	$(NEED_ROOT)
-	python -m benchmarks.heal
+	@python -m benchmarks.heal
 
 clean:
 	rm -rf cdk.out .pytest_cache .mypy_cache .ruff_cache
