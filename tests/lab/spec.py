@@ -99,7 +99,7 @@ def synthesize(outdir: Path) -> str:
     context = json.loads((REPO / "cdk.json").read_text())["context"]
     flags = {k: v for k, v in context.items() if k != CONTEXT_KEY}
     app = cdk.App(context=flags, outdir=str(outdir))
-    build(app, parse(context[CONTEXT_KEY]), checks=False)
+    build(app, parse(context[CONTEXT_KEY]))
     try:
         app.synth()
     except RuntimeError as error:  # jsii reports CDK's ValidationFailed this way
