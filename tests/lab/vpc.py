@@ -44,7 +44,6 @@ from tests.lab import api, jsonl, router, spec
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 REGION = "ap-southeast-2"
-ACCOUNT = "123456789012"  # moto's default account
 INTERNET_IP = "198.51.100.254"  # the "internet host": API, Auto Scaling stand-in, client
 ROUTER_UPLINK_IP = "198.51.100.1"
 EIP = "203.0.113.10"
@@ -320,7 +319,12 @@ class Lab:
             # moto's LaunchTime has one-second resolution: "newer" must be visible in it.
             while int(time.time()) <= int(launched_after):
                 time.sleep(0.05)
-        private_ip = str(subnet.cidr.network_address + next(self._host_numbers))
+        # Never reused within a session: the router's neighbour and conntrack entries for an address
+        # outlive the instance that had it.
+        address = subnet.cidr.network_address + next(self._host_numbers)
+        if address >= subnet.cidr.broadcast_address:
+            raise RuntimeError(f"lab: no unused address left in {subnet.cidr} for this session")
+        private_ip = str(address)
 
         def launch() -> dict[str, Any]:
             reservation = self._ec2.run_instances(
@@ -432,7 +436,7 @@ class Lab:
         for index in range(len(self.nats)):
             self.nats[index].ip("link", "set", "ens5", "up")
 
-        def release_and_allocate() -> str:
+        def unassociated_address() -> str:
             if ids:
                 self._ec2.terminate_instances(InstanceIds=ids)
             for address in self._ec2.describe_addresses()["Addresses"]:
@@ -442,7 +446,7 @@ class Lab:
                     return str(address["AllocationId"])
             return str(self._ec2.allocate_address(Domain="vpc", Address=EIP)["AllocationId"])
 
-        self.allocation_id = self.in_internet(release_and_allocate)
+        self.allocation_id = self.in_internet(unassociated_address)
         self.sync_gateway()
         self.router.run("nft", "flush", "set", "ip", "audit", "out")
         for log in self.dir.glob("*.jsonl"):
