@@ -1,5 +1,6 @@
 """The internet namespace's API daemon: a fault-injecting proxy in front of moto's EC2 API, and a
-stand-in Auto Scaling endpoint that records CompleteLifecycleAction (moto has none).
+stand-in Auto Scaling endpoint that records CompleteLifecycleAction (moto has none) and, like Auto Scaling,
+accepts it once per instance.
 
 Faults are switched by rewriting `api-faults.json`:
   {"throttle_first": N}           the first N EC2 calls answer RequestLimitExceeded (503)
@@ -143,24 +144,48 @@ def ec2_handler(moto: tuple[str, int], sync_url: str, faults: Faults, log: Path)
     return Handler
 
 
+AUTOSCALING_NS = "http://autoscaling.amazonaws.com/doc/2011-01-01/"
+
+
+def autoscaling_error(code: str, message: str) -> bytes:
+    return (
+        f'<ErrorResponse xmlns="{AUTOSCALING_NS}"><Error><Type>Sender</Type><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error><RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+    ).encode()
+
+
 def autoscaling_handler(log: Path) -> type[_Quiet]:
+    """Each instance's launch action is pending once: completing it again (a reboot, the re-check
+    timer) gets the ValidationError Auto Scaling answers when no action is pending."""
+    completed: set[str] = set()
+    lock = threading.Lock()
+
     class Handler(_Quiet):
         def do_POST(self) -> None:
             form = {k: v[0] for k, v in parse_qs(self.body().decode()).items()}
-            jsonl.append(log, {"src": self.client_address[0], **form})
             action = form.get("Action", "?")
-            namespace = "http://autoscaling.amazonaws.com/doc/2011-01-01/"
+            instance = form.get("InstanceId", "")
             if action != "CompleteLifecycleAction":
-                self.reply(400, b"<ErrorResponse><Error><Code>InvalidAction</Code></Error></ErrorResponse>")
-                return
-            self.reply(
-                200,
-                (
-                    f'<CompleteLifecycleActionResponse xmlns="{namespace}"><CompleteLifecycleActionResult/>'
-                    f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>"
-                    "</CompleteLifecycleActionResponse>"
-                ).encode(),
-            )
+                status, answer = 400, autoscaling_error("InvalidAction", f"{action} is not served by the lab")
+            else:
+                with lock:
+                    pending = instance not in completed
+                    completed.add(instance)
+                if pending:
+                    status, answer = (
+                        200,
+                        (
+                            f'<CompleteLifecycleActionResponse xmlns="{AUTOSCALING_NS}">'
+                            "<CompleteLifecycleActionResult/>"
+                            f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>"
+                            "</CompleteLifecycleActionResponse>"
+                        ).encode(),
+                    )
+                else:
+                    message = f"No active Lifecycle Action found with instance ID {instance}"
+                    status, answer = 400, autoscaling_error("ValidationError", message)
+            jsonl.append(log, {"src": self.client_address[0], **form, "status": status})
+            self.reply(status, answer)
 
     return Handler
 
