@@ -8,6 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Optional
 
 from bootstrap.imds import Credentials
+from bootstrap.interrupts import interruptible
 
 if TYPE_CHECKING:
     from botocore.session import Session
@@ -68,7 +69,8 @@ class ClientFactory:
             self._error = err
 
     def session(self) -> Session:
-        self._thread.join()
+        with interruptible():
+            self._thread.join()
         if self._error is not None:
             raise self._error
         assert self._session is not None

@@ -14,6 +14,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from bootstrap.clock import Deadline
 from bootstrap.config import LifecycleHook
 from bootstrap.errors import DeadlineExceeded, PermanentError, TransientError
+from bootstrap.interrupts import interruptible
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
@@ -109,7 +110,8 @@ class Retrier:
             self.before_attempt()
             self.attempts += 1
             try:
-                return func()
+                with interruptible():
+                    return func()
             except NotYet as err:
                 reason = str(err)
             except (ClientError, BotoConnectionError, HTTPClientError) as err:

@@ -129,6 +129,6 @@ def _main(args: argparse.Namespace, injected: Optional[object]) -> int:
         try:
             return reclaim.run(config, deps, deadline)
         finally:
-            deps.interrupts.uninstall()
+            deps.interrupts.uninstall(restore_handlers=injected is not None)
     finally:
         lock.release()

@@ -6,6 +6,7 @@ import time
 from typing import Protocol
 
 from bootstrap.errors import DeadlineExceeded
+from bootstrap.interrupts import interruptible
 
 
 class Clock(Protocol):
@@ -50,4 +51,5 @@ class Deadline:
         """Sleep `seconds`, or fail now if that would pass the deadline."""
         if seconds >= self.remaining():
             raise DeadlineExceeded(f"deadline of {self.seconds:g} s would pass while {doing}")
-        self.clock.sleep(seconds)
+        with interruptible():
+            self.clock.sleep(seconds)

@@ -12,6 +12,7 @@ from typing import Optional, Protocol
 
 from bootstrap.clock import Deadline
 from bootstrap.errors import TransientError
+from bootstrap.interrupts import interruptible
 
 LOG = logging.getLogger(__name__)
 
@@ -73,9 +74,10 @@ class HttpImds:
             self._host, self._port, timeout=self._deadline.timeout(REQUEST_TIMEOUT_SECONDS)
         )
         try:
-            conn.request(method, path, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read().decode("utf-8", "replace")
+            with interruptible():
+                conn.request(method, path, headers=headers)
+                response = conn.getresponse()
+                return response.status, response.read().decode("utf-8", "replace")
         finally:
             conn.close()
 

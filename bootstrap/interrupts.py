@@ -1,9 +1,20 @@
-"""SIGTERM / SIGINT / SIGHUP and the deadline alarm, turned into exceptions that unwind to a restore."""
+"""SIGTERM / SIGINT / SIGHUP and the deadline alarm, turned into exceptions only where that is safe.
+
+A signal handler that raises runs "between two bytecodes" of whatever the main thread is doing. Raised
+inside pyroute2's asyncio transport it kills the netlink socket (the restore that follows would then
+hang), and raised in the first instruction of a `finally` it would skip the restore itself. So the
+handler raises only inside `interruptible()` regions — the blocking waits: IMDS and API requests,
+backoff sleeps, waiting for the preload thread — all of which sit inside the detour's `try`. A signal
+that arrives anywhere else is kept and raised at the next region's start; one that arrives after the
+run is disarmed (the restore, the lifecycle call) is only logged. Each arming raises at most once.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from types import FrameType
 from typing import Any, Optional
 
@@ -15,42 +26,69 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Interrupts:
-    """Raises once, then stays quiet.
-
-    The first signal raises in the main thread, so the `finally` that restores the routes runs. A second
-    signal must not cut that restore short: after the first raise the handler only logs. The restore
-    loop (see `reclaim.restore_until_done`) repeats a restore that an interrupt did cut short.
-    """
+    """The process's stop signals and deadline alarm (one instance: `INTERRUPTS`)."""
 
     def __init__(self) -> None:
         self.armed = False
         self.received: Optional[str] = None
+        self.pending: Optional[ReclaimError] = None
+        self.depth = 0
         self._seconds = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self, deadline_seconds: float) -> None:
         self.armed = True
+        self.pending = None
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
         self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_alarm)
-        # The alarm ends a call that blocks past the deadline (a hung API connection) as well.
+        # The alarm also ends a call that blocks past the deadline (a hung API connection).
         self._seconds = deadline_seconds
         signal.setitimer(signal.ITIMER_REAL, deadline_seconds)
 
-    def uninstall(self) -> None:
-        """Cancel the alarm and put the previous handlers back (the process may go on: tests, callers)."""
+    def uninstall(self, *, restore_handlers: bool = True) -> None:
+        """Cancel the alarm and disarm; put the previous handlers back unless the process is ending.
+
+        A process that is about to exit keeps the (now logging-only) handlers: a SIGTERM that arrives
+        between the end of the run and the exit is then logged instead of ending the process with the
+        signal, so the exit code still tells what the run did.
+        """
         signal.setitimer(signal.ITIMER_REAL, 0)
-        self.armed = False
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self.disarm()
+        if restore_handlers:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
         self._previous.clear()
+
+    def disarm(self) -> None:
+        """From here on signals are only logged: the restore and the lifecycle call run to the end."""
+        self.armed = False
+        self.pending = None
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A blocking wait that a stop signal or the deadline may cut short."""
+        if self.armed and self.pending is not None:
+            error, self.pending = self.pending, None
+            self.armed = False
+            raise error
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     def _raise(self, error: ReclaimError) -> None:
         self.received = str(error)
         if not self.armed:
-            LOG.warning("%s: already stopping; restoring first", error)
+            LOG.warning("%s: already finishing; the routes are being restored or are restored", error)
+            return
+        if self.depth == 0:
+            LOG.debug("%s: raised when the current step ends", error)
+            self.pending = error
             return
         self.armed = False
+        self.pending = None
         raise error
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
@@ -58,3 +96,12 @@ class Interrupts:
 
     def _on_alarm(self, signum: int, frame: Optional[FrameType]) -> None:
         self._raise(DeadlineExceeded(f"deadline of {self._seconds:g} s passed"))
+
+
+# Signal handlers belong to the process, so there is one of these.
+INTERRUPTS = Interrupts()
+
+
+def interruptible() -> AbstractContextManager[None]:
+    """`with interruptible():` around a blocking wait (see the module docstring)."""
+    return INTERRUPTS.interruptible()

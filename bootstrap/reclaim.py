@@ -14,7 +14,7 @@ from bootstrap.clock import Clock, Deadline
 from bootstrap.config import Config
 from bootstrap.errors import EXIT_OK, IdentityMismatch, ReclaimError, Terminated
 from bootstrap.imds import Credentials, Identity, Imds, ImdsError
-from bootstrap.interrupts import Interrupts
+from bootstrap.interrupts import INTERRUPTS, Interrupts
 from bootstrap.routes import DetourPlan, Netlink
 from bootstrap.state import Journal
 
@@ -46,7 +46,7 @@ class Deps:
     netlink: Callable[[], AbstractContextManager[Netlink]]
     clients: Clients
     journal: Journal
-    interrupts: Interrupts = field(default_factory=Interrupts)
+    interrupts: Interrupts = field(default_factory=lambda: INTERRUPTS)
     skip_pins: frozenset[str] = frozenset()
     rng: random.Random = field(default_factory=random.Random)
 
@@ -68,19 +68,15 @@ def recover(netlink: Netlink, journal: Journal) -> bool:
     return True
 
 
-def restore_until_done(netlink: Netlink, plan: DetourPlan, journal: Journal, interrupts: Interrupts) -> None:
-    """Restore, repeating if an interrupt that landed just before disarming cut the first try short."""
-    while True:
-        try:
-            interrupts.armed = False
-            routes.restore(netlink, plan)
-            journal.delete()
-            return
-        except ReclaimError as err:
-            if isinstance(err, routes.RouteError):
-                LOG.error("restore: %s; journal kept at %s for the next run", err, journal.path)
-                raise
-            LOG.warning("restore: interrupted (%s); restoring again", err)
+def restore_and_forget(netlink: Netlink, plan: DetourPlan, journal: Journal, interrupts: Interrupts) -> None:
+    """Put the routes back and delete the journal; signals from here on are only logged."""
+    interrupts.disarm()
+    try:
+        routes.restore(netlink, plan)
+    except routes.RouteError as err:
+        LOG.error("restore: %s; journal kept at %s for the next run", err, journal.path)
+        raise
+    journal.delete()
 
 
 def _skip_warning(skip: frozenset[str]) -> None:
@@ -142,7 +138,7 @@ def _detour_and_claim(
             ec2 = deps.clients.ec2(config.ec2_endpoint_url, creds)
             return _claim(deps, config, deadline, ec2=ec2, me=identity.instance_id, before=before_attempt)
         finally:
-            restore_until_done(netlink, plan, deps.journal, deps.interrupts)
+            restore_and_forget(netlink, plan, deps.journal, deps.interrupts)
             LOG.info("routes: restored as journaled; journal removed")
 
 
@@ -194,12 +190,12 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         else:
             outcome = _detour_and_claim(deps, config, deadline, identity=identity, nat=nat, creds=creds)
     except ReclaimError as err:
-        deps.interrupts.armed = False
+        deps.interrupts.disarm()
         # A stop request is not this instance's failure: no ABANDON for it.
         if not isinstance(err, Terminated):
             _complete(deps, config, identity.instance_id, "ABANDON", creds)
         raise
-    deps.interrupts.armed = False
+    deps.interrupts.disarm()
     LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
     _complete(deps, config, identity.instance_id, "CONTINUE", creds)
     return EXIT_OK

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -253,3 +255,40 @@ def test_a_multipath_default_route_is_refused_and_left_as_it_is(w: World) -> Non
     assert "RTA_MULTIPATH" in err
     assert w.all_routes() == before
     assert not w.journal.exists()
+
+
+def test_sigterm_at_random_moments_never_leaves_a_route_changed(w: World) -> None:
+    """A stop request may land anywhere: imports, IMDS, netlink calls, the API, the restore, the exit."""
+    rng = random.Random(20261126)
+    before = w.all_routes()
+    outcomes = []
+    for _ in range(12):
+        w.seed("associate", w.ids["allocation_id"], w.ids["other"])
+        proc = w.start_payload(w.config())
+        time.sleep(rng.uniform(0.05, 0.7))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=40)
+        # 0: finished first; 75: stopped and restored; -SIGTERM: before the handlers were installed or
+        # during the interpreter's exit (Python resets handlers then), both with the routes as they were.
+        assert proc.returncode in (0, 75, -signal.SIGTERM), err
+        assert w.all_routes() == before, err
+        assert not w.journal.exists(), err
+        outcomes.append(proc.returncode)
+    print(f"outcomes of 12 runs stopped at random moments: {sorted(outcomes)}")
+
+
+def test_sigkill_at_random_moments_is_always_repaired_by_the_next_run(w: World) -> None:
+    rng = random.Random(7)
+    before = w.all_routes()
+    for _ in range(6):
+        w.seed("associate", w.ids["allocation_id"], w.ids["other"])
+        proc = w.start_payload(w.config())
+        time.sleep(rng.uniform(0.2, 0.6))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=40)
+        code, _, err = w.run_payload(w.config())
+        assert code == 0, err
+        assert w.all_routes() == before, err
+        assert w.holder() == w.ids["self"]

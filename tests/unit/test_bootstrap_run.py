@@ -363,33 +363,37 @@ def test_a_second_signal_during_restore_does_not_cut_it_short(rig: Rig) -> None:
     assert rig.netlink.table == AL2023_TABLE
 
 
-def test_a_restore_cut_short_by_an_interrupt_is_run_again(rig: Rig) -> None:
-    from bootstrap import reclaim, routes
-    from bootstrap.errors import Terminated
-    from bootstrap.interrupts import Interrupts
+def test_a_signal_during_a_route_change_waits_for_the_change_to_finish(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Raised inside pyroute2's asyncio transport, an exception would kill the netlink socket that the
+    # restore needs: the signal is held until the next blocking wait (here: the first API call).
+    def signal_while_pinning(command: str, route: Route) -> None:
+        if command == "add" and route.dst == "169.254.169.253/32":
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    plan = routes.plan_detour(
-        rig.netlink,
-        mac="02:00:0a:00:00:0a",
-        subnet_cidr="10.0.0.0/24",
-        vpc_cidrs=["10.0.0.0/16"],
-        nat="10.0.0.4",
-    )
-    rig.journal.write({"plan": plan.to_json()})
-    plan = routes.apply_pins(rig.netlink, plan)
-    rig.netlink.replace(plan.detour)
-    interrupted = []
-
-    def land_once(command: str, route: Route) -> None:
-        if command == "delete" and not interrupted:
-            interrupted.append(route)
-            raise Terminated("signal SIGTERM received")
-
-    rig.netlink.on_change = land_once
-    reclaim.restore_until_done(rig.netlink, plan, rig.journal, Interrupts())
-    assert interrupted
+    rig.netlink.on_change = signal_while_pinning
+    assert rig.main() == 75
+    assert [r.dst for op, r in rig.netlink.calls if op == "add"] == [
+        "169.254.169.254/32",
+        "169.254.169.253/32",
+        "169.254.169.123/32",
+        "10.0.0.0/16",
+    ]
+    assert rig.ec2.calls == []
     assert rig.netlink.table == AL2023_TABLE
-    assert not Path(rig.journal.path).exists()
+    assert "SIGTERM" in capsys.readouterr().err
+
+
+def test_a_signal_after_the_restore_began_is_only_logged(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.netlink.on_change = lambda command, route: (
+        os.kill(os.getpid(), signal.SIGTERM) if command == "delete" else None
+    )
+    assert rig.main() == 0
+    assert rig.netlink.table == AL2023_TABLE
+    assert "already finishing" in capsys.readouterr().err
 
 
 def test_no_lifecycle_hook_means_no_lifecycle_call(rig: Rig) -> None:
