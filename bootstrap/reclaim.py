@@ -136,10 +136,24 @@ def _detour_and_claim(
                     LOG.warning("routes: default route was changed under the detour; detour re-asserted")
 
             ec2 = deps.clients.ec2(config.ec2_endpoint_url, creds)
-            return _claim(deps, config, deadline, ec2=ec2, me=identity.instance_id, before=before_attempt)
+            try:
+                return _claim(deps, config, deadline, ec2=ec2, me=identity.instance_id, before=before_attempt)
+            finally:
+                _close_connections(ec2)
         finally:
             restore_and_forget(netlink, plan, deps.journal, deps.interrupts)
             LOG.info("routes: restored as journaled; journal removed")
+
+
+def _close_connections(client: object) -> None:
+    """Close the API connections made through the NAT while the detour still carries them.
+
+    Closed after the restore, a connection's FIN would leave by the VPC router from another source
+    address, go unanswered, and hold the socket in FIN-WAIT-1 for minutes.
+    """
+    close = getattr(client, "close", None)  # botocore clients have it; the typing stubs omit it
+    if callable(close):
+        close()
 
 
 def _guard_identity(imds: Imds, expected: str) -> None:

@@ -172,6 +172,8 @@ class FakeEc2:
         self.errors: dict[str, list[Exception]] = {}
         self.calls: list[str] = []
         self.before_call: Callable[[str], None] = lambda op: None
+        self.closes = 0
+        self.on_close: Callable[[], None] = lambda: None
 
     def _enter(self, op: str) -> None:
         self.calls.append(op)
@@ -199,6 +201,10 @@ class FakeEc2:
         assert AllowReassociation is True
         self.address["InstanceId"] = InstanceId
         return {"AssociationId": "eipassoc-0123"}
+
+    def close(self) -> None:
+        self.closes += 1
+        self.on_close()
 
 
 class FakeAutoScaling:

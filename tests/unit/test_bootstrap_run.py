@@ -64,6 +64,29 @@ def test_success_detours_claims_restores_and_continues(rig: Rig, capsys: pytest.
     assert "fake-secret-never-logged" not in err and "fake-token-never-logged" not in err
 
 
+def test_api_connections_close_while_the_detour_still_carries_them(rig: Rig) -> None:
+    # Closed after the restore, a connection's FIN would leave by the router and hang in FIN-WAIT-1.
+    at_close: list[Route] = []
+    rig.ec2.on_close = lambda: at_close.append(_default(rig))
+
+    assert rig.main() == 0
+
+    assert rig.ec2.closes == 1
+    assert [r.gateway for r in at_close] == ["10.0.0.4"]
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_api_connections_close_before_the_restore_on_failure_too(rig: Rig) -> None:
+    at_close: list[Route] = []
+    rig.ec2.on_close = lambda: at_close.append(_default(rig))
+    rig.ec2.errors["AssociateAddress"] = [client_error("UnauthorizedOperation", 403)]
+
+    assert rig.main() == 3
+
+    assert [r.gateway for r in at_close] == ["10.0.0.4"]
+    assert rig.netlink.table == AL2023_TABLE
+
+
 def test_pins_are_added_via_the_router_and_only_they_are_removed(rig: Rig) -> None:
     rig.main()
     added = [r for op, r in rig.netlink.calls if op == "add"]
