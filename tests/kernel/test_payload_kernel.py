@@ -13,22 +13,62 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernel import bundled as shipped
 from tests.kernel import world as lab
 from tests.kernel.world import World, world
 
 pytestmark = pytest.mark.root
 
+# The payload as the tests start it by default: this checkout under the test interpreter, unless the
+# environment points every test at another interpreter and bundle (world.py).
+DEFAULT = "env" if os.environ.get(lab.PAYLOAD_PYTHON_ENV) else "checkout"
+# The shipped bundle under Amazon Linux 2023's interpreter, started as the systemd unit starts it.
+BUNDLE = "bundle-py39"
+# The key scenarios run with both; the rest with the default only, to keep the run short.
+both_payloads = pytest.mark.parametrize("w", [DEFAULT, BUNDLE], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> shipped.Bundled:
+    """Built once (cached in build/), unpacked and byte-compiled once per session."""
+    python = shipped.find_python39()
+    if python is None:
+        pytest.skip(shipped.INSTALL_HINT)
+    return shipped.unpack(python, tmp_path_factory.mktemp("bundle"))
+
 
 @pytest.fixture
-def w(tmp_path: Path) -> Iterator[World]:
+def w(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    payload = getattr(request, "param", DEFAULT)
+    chosen = request.getfixturevalue("bundle") if payload == BUNDLE else None
     with world(tmp_path) as built:
+        if chosen is not None:
+            built.payload_argv = chosen.argv
+            built.payload_path = str(chosen.path)
         yield built
+
+
+def test_the_bundle_runs_on_python_3_9_with_only_its_own_packages(bundle: shipped.Bundled) -> None:
+    """What `bundle-py39` runs is the instance's interpreter and the bundle's pins, not this checkout's."""
+    seen = bundle.probe()
+    assert seen["implementation"] == "cpython"
+    assert tuple(seen["version"][:2]) == shipped.INSTANCE_PYTHON, seen["version"]
+    # -S: no site module, so no site-packages (the AMI's, or this venv's newer botocore) on the path.
+    assert seen["no_site"] == 1
+    assert not seen["site_imported"]
+    assert not [p for p in seen["path"] if "site-packages" in p or "dist-packages" in p], seen["path"]
+    for name, (file, _) in seen["modules"].items():
+        assert Path(file).is_relative_to(bundle.path), f"{name} imported from {file}, not the bundle"
+    pins = bundle.manifest["packages"]
+    for name in ("boto3", "botocore", "urllib3"):
+        assert seen["modules"][name][1] == pins[name], name
 
 
 def _by_dst(table: list[dict[str, object]]) -> dict[object, dict[str, object]]:
     return {r["dst"]: r for r in table}
 
 
+@both_payloads
 def test_success_takes_the_address_and_leaves_every_table_as_it_was(w: World) -> None:
     before = w.all_routes()
     code, _, err = w.run_payload(w.config())
@@ -68,6 +108,7 @@ def test_pins_and_detour_are_in_place_while_the_api_is_called(w: World) -> None:
     assert w.routes() == before
 
 
+@both_payloads
 def test_api_failure_restores_and_exits_3(w: World) -> None:
     before = w.all_routes()
     code, _, err = w.run_payload(w.config(allocation_id="eipalloc-0123456789abcdef0"))
@@ -93,6 +134,7 @@ def test_deadline_restores_and_exits_75(w: World) -> None:
     print(f"deadline 2 s: the run ended after {took:.2f} s")
 
 
+@both_payloads
 def test_sigterm_mid_detour_restores_and_exits_75(w: World) -> None:
     before = w.all_routes()
     w.pause_api()
@@ -109,6 +151,7 @@ def test_sigterm_mid_detour_restores_and_exits_75(w: World) -> None:
     assert not w.journal.exists()
 
 
+@both_payloads
 def test_sigkill_mid_detour_is_restored_by_the_next_run(w: World) -> None:
     before = w.all_routes()
     w.pause_api()
