@@ -92,6 +92,18 @@ def _claim(
     return claim(ec2, me, config.allocation_id, Retrier(deadline, before, deps.rng))
 
 
+def _plan(deps: Deps, netlink: Netlink, identity: Identity, nat: str) -> DetourPlan:
+    """The detour for this instance's interface and subnet: the same for a run and a dry run."""
+    return routes.plan_detour(
+        netlink,
+        mac=identity.mac,
+        subnet_cidr=identity.subnet_cidr,
+        vpc_cidrs=identity.vpc_cidrs,
+        nat=nat,
+        skip_pins=deps.skip_pins,
+    )
+
+
 def _detour_and_claim(
     deps: Deps,
     config: Config,
@@ -102,14 +114,7 @@ def _detour_and_claim(
     creds: Optional[Credentials],
 ) -> Outcome:
     with deps.netlink() as netlink:
-        plan = routes.plan_detour(
-            netlink,
-            mac=identity.mac,
-            subnet_cidr=identity.subnet_cidr,
-            vpc_cidrs=identity.vpc_cidrs,
-            nat=nat,
-            skip_pins=deps.skip_pins,
-        )
+        plan = _plan(deps, netlink, identity, nat)
         try:
             # Inside the try: an interrupt right after the write still restores (a no-op then) and
             # removes the journal; the first route change comes only after the write.
@@ -255,14 +260,7 @@ def dry_run(config: Config, deps: Deps, out: TextIO) -> int:
         lines.append(f"no detour: public IPv4 {identity.public_ipv4} reaches the API as routed now")
     else:
         with deps.netlink() as netlink:
-            plan = routes.plan_detour(
-                netlink,
-                mac=identity.mac,
-                subnet_cidr=identity.subnet_cidr,
-                vpc_cidrs=identity.vpc_cidrs,
-                nat=nat,
-                skip_pins=deps.skip_pins,
-            )
+            plan = _plan(deps, netlink, identity, nat)
         lines.append(f"would journal to {deps.journal.path}:")
         lines += [f"  default route now: {r.describe()}" for r in plan.default_routes] or [
             "  no default route"
