@@ -22,9 +22,14 @@ SERVICE_TAG = "eip-reclaim:service"
 # allocate a new address and leave the one clients know orphaned.
 ELASTIC_IP_LOGICAL_ID = "ElasticIp"
 LIFECYCLE_HOOK_NAME = "eip-reclaim-launch"
-# The hook holds a new instance until the payload reports; give the payload its whole deadline and a
-# minute to start, after which the default result (ABANDON) lets the group replace the instance.
-HOOK_HEARTBEAT = Duration.seconds(DEADLINE_SECONDS + 60)
+# The hook's window is counted from launch, not from the payload's start: it must cover the boot and
+# the user data's install, a first run to its deadline, the unit's restart delay, and the one retry
+# that a transient failure (exit 75) earns. Past it, the default result (ABANDON) lets the group
+# replace the instance.
+BOOT_ALLOWANCE_SECONDS = 120
+# The boot unit's RestartSec (deploy/systemd/eip-reclaim.service); a test keeps the two equal.
+UNIT_RESTART_SECONDS = 30
+HOOK_HEARTBEAT = Duration.seconds(BOOT_ALLOWANCE_SECONDS + 2 * (DEADLINE_SECONDS + UNIT_RESTART_SECONDS))
 
 
 class ElasticAddress(Construct):

@@ -61,7 +61,9 @@ work="$$(mktemp -d "$$root/opt/.eip-reclaim.XXXXXX")"
 trap 'rm -rf "$$work"' EXIT
 
 echo "fetching $$bundle_url"
-# No public IP yet: this goes through the VPC's S3 gateway endpoint.
+# No public IP yet: this goes through the VPC's S3 gateway endpoint. The CLI's instance credentials
+# come from IMDSv2 only, as the payload's do.
+export AWS_EC2_METADATA_V1_DISABLED=true
 aws s3 cp --only-show-errors --region "$$region" "$$bundle_url" "$$work/bundle.zip"
 if ! echo "$$bundle_sha256  $$work/bundle.zip" | sha256sum --check --strict --quiet -; then
   echo "error: bundle SHA-256 is not $$bundle_sha256; nothing installed" >&2

@@ -16,7 +16,14 @@ from aws_cdk.assertions import Match, Template
 from stacks.assembly import build
 from stacks.bundle import BundleInfo
 from stacks.config import parse
-from stacks.healing_service import ELASTIC_IP_LOGICAL_ID, HOOK_HEARTBEAT, LIFECYCLE_HOOK_NAME, SERVICE_TAG
+from stacks.healing_service import (
+    BOOT_ALLOWANCE_SECONDS,
+    ELASTIC_IP_LOGICAL_ID,
+    HOOK_HEARTBEAT,
+    LIFECYCLE_HOOK_NAME,
+    SERVICE_TAG,
+    UNIT_RESTART_SECONDS,
+)
 from stacks.payload_config import DEADLINE_SECONDS
 from stacks.user_data import USER_DATA_LIMIT
 from tests.unit.cdk_app import DEFAULT_RAW, FEATURE_FLAGS, Synthesized, default_app, multi_app
@@ -229,10 +236,21 @@ def test_the_launch_hook_holds_every_instance_and_abandons_by_default(template: 
             "LifecycleHookName": LIFECYCLE_HOOK_NAME,
             "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
             "DefaultResult": "ABANDON",
-            "HeartbeatTimeout": DEADLINE_SECONDS + 60,
+            "HeartbeatTimeout": int(HOOK_HEARTBEAT.to_seconds()),
         }
     ]
     template.resource_count_is("AWS::AutoScaling::LifecycleHook", 0)
+
+
+def test_the_hook_window_covers_the_boot_a_run_and_one_retry() -> None:
+    # The window starts at launch: a run that needs its whole deadline and then its one retry (exit 75,
+    # RestartSec later) must still be able to report before the hook defaults to ABANDON.
+    assert HOOK_HEARTBEAT.to_seconds() >= BOOT_ALLOWANCE_SECONDS + 2 * (
+        DEADLINE_SECONDS + UNIT_RESTART_SECONDS
+    )
+    assert BOOT_ALLOWANCE_SECONDS >= 60
+    # Auto Scaling accepts at most 7200 s; a window far beyond a retry only delays replacing a dead instance.
+    assert HOOK_HEARTBEAT.to_seconds() <= 900
 
 
 def render(value: Any, network: dict[str, Any]) -> str:
@@ -353,7 +371,6 @@ def test_a_new_launch_template_rolls_the_group_one_instance_at_a_time(template: 
     assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 0)
     assert policy["MinInstancesInService"] < int(group["Properties"]["MaxSize"])
     assert policy["PauseTime"] == f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"
-    assert HOOK_HEARTBEAT.to_seconds() >= DEADLINE_SECONDS + 60
     assert "WaitOnResourceSignals" not in policy  # the payload reports through the hook, not cfn-signal
     assert {"HealthCheck", "ReplaceUnhealthy", "AZRebalance", "ScheduledActions"} <= set(
         policy["SuspendProcesses"]

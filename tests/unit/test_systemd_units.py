@@ -146,6 +146,13 @@ def test_boot_service_retries_transient_failures_only_and_boundedly(units: dict)
     assert burst * per_start < window
 
 
+def test_the_launch_hook_window_counts_the_units_restart_delay(units: dict) -> None:
+    # The hook's window (stacks/healing_service.py) is sized for one retry RestartSec after a failure.
+    from stacks.healing_service import UNIT_RESTART_SECONDS
+
+    assert seconds(one(units[BOOT], "Service", "RestartSec")) == UNIT_RESTART_SECONDS
+
+
 def test_start_timeout_is_above_the_payload_deadline(units: dict) -> None:
     # systemd must not kill a run that is still inside its own deadline, nor let a hung one run forever.
     for name in (BOOT, RECHECK):

@@ -74,7 +74,11 @@ class Sandbox:
         self.bin = tmp_path / "bin"
         self.bin.mkdir()
         self.bundle = tmp_path / "served.zip"
-        self._stub("aws", 'for arg; do dest="$arg"; done\ncp "$SANDBOX_BUNDLE" "$dest"\n')
+        self._stub(
+            "aws",
+            'echo "${AWS_EC2_METADATA_V1_DISABLED:-unset}" >>"$SANDBOX_CALLS/aws-imdsv1-disabled"\n'
+            'for arg; do dest="$arg"; done\ncp "$SANDBOX_BUNDLE" "$dest"\n',
+        )
         self._stub("systemctl", "")
         # Like `logger -s`: each line to stderr; the journal is not part of the sandbox.
         self._stub("logger", "cat >&2\n")
@@ -141,6 +145,8 @@ def test_installs_a_verified_bundle(tmp_path: Path) -> None:
         f"s3 cp --only-show-errors --region {REGION} s3://{BUCKET}/abc123.zip "
         + box.called("aws")[0].rsplit(" ", 1)[1]
     ]
+    # ... whose instance credentials come from IMDSv2 only, never a v1 fallback.
+    assert box.called("aws-imdsv1-disabled") == ["true"]
     # Unpacked in place and byte-compiled for the read-only service.
     app = box.root / user_data.INSTALL_DIR.lstrip("/")
     assert (app / "bootstrap/__init__.py").read_text() == "MARKER = 'first'\n"
