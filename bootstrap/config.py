@@ -12,12 +12,14 @@ from typing import Any, Optional
 from bootstrap.errors import ConfigError
 
 SUPPORTED_VERSION = 1
-# Long enough for a slow NAT and API retries, short enough that systemd's TimeoutStartSec (300 s in the
-# unit) stops a stuck run only after it has restored its routes itself.
+# Long enough for a slow NAT and API retries, short enough that systemd's TimeoutStartSec (330 s in the
+# units) stops a stuck run only after it has restored its routes itself.
 DEFAULT_DEADLINE_SECONDS = 240.0
-# A deadline past an hour would only hide a stuck boot; a deadline under a second cannot reach the API.
+# A deadline under a second cannot reach the API. Past 270 s, systemd's SIGTERM at TimeoutStartSec=330s
+# would cut the run before its deadline: the last minute is for the restore and the lifecycle call.
 MIN_DEADLINE_SECONDS = 1.0
-MAX_DEADLINE_SECONDS = 3600.0
+MAX_DEADLINE_SECONDS = 270.0
+UNIT_TIMEOUT_START = "TimeoutStartSec=330s"
 DEFAULT_IMDS_URL = "http://169.254.169.254"
 
 # AWS IDs are 8 or 17 lower-case hex digits after the prefix; shorter forms are accepted so that
@@ -129,7 +131,8 @@ def _deadline(value: Any) -> float:
     if not MIN_DEADLINE_SECONDS <= value <= MAX_DEADLINE_SECONDS:
         raise _fail(
             "deadline_seconds",
-            f"{value!r} is outside {MIN_DEADLINE_SECONDS:g}..{MAX_DEADLINE_SECONDS:g} seconds",
+            f"{value!r} is outside {MIN_DEADLINE_SECONDS:g}..{MAX_DEADLINE_SECONDS:g} seconds"
+            f" (the units' {UNIT_TIMEOUT_START} must leave the run time to restore its routes and report)",
         )
     return float(value)
 

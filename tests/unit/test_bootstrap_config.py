@@ -99,6 +99,9 @@ BAD = [
     (_with(deadline_seconds=True), "deadline_seconds", "expected a number"),
     (_with(deadline_seconds=0), "deadline_seconds", "outside"),
     (_with(deadline_seconds=86400), "deadline_seconds", "outside"),
+    # Past 270 s systemd's SIGTERM (TimeoutStartSec=330s) would cut the run before its own deadline.
+    (_with(deadline_seconds=271), "deadline_seconds", "outside 1..270 seconds"),
+    (_with(deadline_seconds=3600), "deadline_seconds", "TimeoutStartSec=330s"),
     (_with(ec2_endpoint_url="ftp://x"), "ec2_endpoint_url", "not an http(s) URL"),
     (_with(autoscaling_endpoint_url=5), "autoscaling_endpoint_url", "expected a string"),
     (_with(imds_url="169.254.169.254"), "imds_url", "not an http(s) URL"),
@@ -150,3 +153,21 @@ def test_main_exits_2_with_one_line_and_touches_nothing(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert f"config: {key}: " in lines[0] and problem in lines[0]
+
+
+def test_the_deadline_may_reach_270_seconds() -> None:
+    assert parse_config(_with(deadline_seconds=270)).deadline_seconds == 270.0
+
+
+def test_the_deadline_cap_leaves_the_units_a_minute() -> None:
+    from pathlib import Path
+
+    from bootstrap.config import MAX_DEADLINE_SECONDS
+
+    units = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+    for unit in ("eip-reclaim.service", "eip-reclaim-recheck.service"):
+        limits = [
+            line for line in (units / unit).read_text().splitlines() if line.startswith("TimeoutStartSec=")
+        ]
+        assert limits == ["TimeoutStartSec=330s"], unit
+    assert MAX_DEADLINE_SECONDS <= 330 - 60
