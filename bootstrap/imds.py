@@ -148,10 +148,23 @@ class HttpImds:
             return None
         if not roles:
             return None
-        document = json.loads(self.get(f"iam/security-credentials/{roles[0]}"))
+        path = f"iam/security-credentials/{roles[0]}"
+        # An odd document is a transient IMDS problem (75), never a crash; values are never quoted.
+        try:
+            document = json.loads(self.get(path))
+        except ValueError:
+            raise ImdsError(f"imds: {path}: not a JSON document") from None
+        if not isinstance(document, dict):
+            raise ImdsError(f"imds: {path}: expected a JSON object, got {type(document).__name__}")
         if document.get("Code", "Success") != "Success":
             raise ImdsError(f"imds: role {roles[0]} credentials not ready (Code {document.get('Code')})")
-        return Credentials(document["AccessKeyId"], document["SecretAccessKey"], document.get("Token"))
+        for key in ("AccessKeyId", "SecretAccessKey"):
+            if not isinstance(document.get(key), str) or not document[key]:
+                raise ImdsError(f"imds: {path}: field {key} is missing or not a non-empty string")
+        token = document.get("Token")
+        if token is not None and not isinstance(token, str):
+            raise ImdsError(f"imds: {path}: field Token is not a string")
+        return Credentials(document["AccessKeyId"], document["SecretAccessKey"], token)
 
 
 def _cidr(name: str, text: str) -> str:

@@ -149,3 +149,26 @@ def test_malformed_cidr_is_an_error(tmp_path: Path) -> None:
     for _, url in _serve(tmp_path, {**IDENTITY, "subnet_cidr": "10.0.0.0/33"}):
         with pytest.raises(ImdsError, match="subnet-ipv4-cidr-block"):
             _client(url).identity()
+
+
+@pytest.mark.parametrize(
+    ("document", "named"),
+    [
+        ("{not json", "not a JSON document"),
+        ("[]", "expected a JSON object"),
+        ('{"Code": "Success", "SecretAccessKey": "s", "Token": "t"}', "field AccessKeyId"),
+        ('{"Code": "Success", "AccessKeyId": "A", "Token": "t"}', "field SecretAccessKey"),
+        ('{"Code": "Success", "AccessKeyId": 5, "SecretAccessKey": "s"}', "field AccessKeyId"),
+        ('{"Code": "Success", "AccessKeyId": "A", "SecretAccessKey": "s", "Token": 7}', "field Token"),
+    ],
+)
+def test_an_odd_credentials_document_is_transient_and_names_the_field(
+    imds: tuple[Server, str], document: str, named: str
+) -> None:
+    server, url = imds
+    server.paths["iam/security-credentials/svc-role"] = document
+    with pytest.raises(ImdsError, match=named) as caught:
+        _client(url).credentials()
+    assert caught.value.exit_code == 75
+    assert "iam/security-credentials/svc-role" in str(caught.value)
+    assert "\n" not in str(caught.value)

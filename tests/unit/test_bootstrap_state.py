@@ -34,16 +34,16 @@ def test_a_write_that_dies_before_the_rename_leaves_the_old_journal_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journal = Journal(str(tmp_path))
-    journal.write({"plan": "old"})
+    journal.write({"plan": {"nat": "old"}})
 
     def crash(src: str, dst: str) -> None:
         raise OSError("power cut")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="power cut"):
-        journal.write({"plan": "new"})
+        journal.write({"plan": {"nat": "new"}})
     monkeypatch.undo()
-    assert journal.read() == {"version": 1, "plan": "old"}
+    assert journal.read() == {"version": 1, "plan": {"nat": "old"}}
 
 
 def test_the_journal_is_written_by_rename_never_in_place(
@@ -65,11 +65,15 @@ def test_the_journal_is_written_by_rename_never_in_place(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["routes.json"]
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"version": 99}', "[]"])
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"version": 99}', "[]", '{"version": 1}', '{"version": 1, "plan": [1]}']
+)
 def test_a_corrupt_journal_is_an_error_not_silence(tmp_path: Path, content: str) -> None:
     (tmp_path / "routes.json").write_text(content)
-    with pytest.raises(TransientError, match="inspect and remove it"):
+    with pytest.raises(TransientError, match="inspect and remove it") as caught:
         Journal(str(tmp_path)).read()
+    assert str(tmp_path / "routes.json") in str(caught.value)
+    assert (tmp_path / "routes.json").exists()  # kept for an operator
 
 
 def test_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
