@@ -8,12 +8,12 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
-from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from bootstrap.clock import Deadline
 from bootstrap.config import LifecycleHook
-from bootstrap.errors import DeadlineExceeded, PermanentError, TransientError
+from bootstrap.errors import Contested, DeadlineExceeded, PermanentError, TransientError
 from bootstrap.interrupts import interruptible
 
 if TYPE_CHECKING:
@@ -63,6 +63,12 @@ TRANSIENT_CODES = frozenset(
 BACKOFF_BASE_SECONDS = 0.2
 BACKOFF_CAP_SECONDS = 5.0
 ASG_TAG = "aws:autoscaling:groupName"
+# Another instance may associate the address right after this one (two members claiming at once): the
+# verify then sees it and decides again (yield or associate again), at most this many times per run.
+MAX_REASSOCIATIONS = 3
+# Right after AssociateAddress, DescribeAddresses may still show the holder it replaced (or none): read
+# as eventual consistency this many times, then as the address having been taken back.
+VERIFY_LAG_READS = 5
 GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 
 
@@ -119,6 +125,11 @@ class Retrier:
                     code = _error_code(err) if isinstance(err, ClientError) else type(err).__name__
                     raise PermanentError(f"ec2: {what}: {code}: {err}") from None
                 reason = _error_code(err) if isinstance(err, ClientError) else f"{type(err).__name__}"
+            except BotoCoreError as err:
+                # NoCredentialsError, PartialCredentialsError, ...: not a refusal by the API (so not 3),
+                # and nothing that retrying within this run fixes; the next run (systemd) may.
+                one_line = " ".join(str(err).split())
+                raise TransientError(f"ec2: {what}: {type(err).__name__}: {one_line}") from None
             attempt += 1
             delay = self.rng.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt))
             LOG.warning("ec2: %s: %s; retry %d in %d ms", what, reason, attempt, delay * 1000)
@@ -164,38 +175,80 @@ def claim(ec2: EC2Client, instance_id: str, allocation_id: str, retrier: Retrier
     """Make `instance_id` hold `allocation_id` unless it already does or a newer member holds it."""
     address = retrier.call("DescribeAddresses", lambda: _describe_address(ec2, allocation_id))
     public_ip = address.get("PublicIp", "?")
-    holder = address.get("InstanceId")
+    holder: Optional[str] = address.get("InstanceId")
     if holder == instance_id:
         LOG.info("ec2: %s (%s) is already held by this instance; no change", allocation_id, public_ip)
         return Outcome.ALREADY_HELD
-    if holder:
-        group = _newer_member(ec2, retrier, instance_id, holder)
-        if group is not None:
-            LOG.info(
-                "ec2: yielding to newer instance %s of group %s, which holds %s (%s); no change",
-                holder,
-                group,
+    reassociations = 0
+    while True:
+        if holder:
+            group = _newer_member(ec2, retrier, instance_id, holder)
+            if group is not None:
+                LOG.info(
+                    "ec2: yielding to newer instance %s of group %s, which holds %s (%s); no change",
+                    holder,
+                    group,
+                    allocation_id,
+                    public_ip,
+                )
+                return Outcome.YIELDED
+        if reassociations:
+            LOG.warning(
+                "ec2: %s (%s) is held by %s; associating again (%d of at most %d)",
                 allocation_id,
                 public_ip,
+                holder or "no instance",
+                reassociations,
+                MAX_REASSOCIATIONS,
             )
-            return Outcome.YIELDED
-    LOG.info("ec2: %s (%s) is held by %s; associating", allocation_id, public_ip, holder or "no instance")
-    retrier.call(
-        "AssociateAddress",
-        lambda: ec2.associate_address(
-            AllocationId=allocation_id, InstanceId=instance_id, AllowReassociation=True
-        ),
-    )
+        else:
+            LOG.info(
+                "ec2: %s (%s) is held by %s; associating", allocation_id, public_ip, holder or "no instance"
+            )
+        retrier.call(
+            "AssociateAddress",
+            lambda: ec2.associate_address(
+                AllocationId=allocation_id, InstanceId=instance_id, AllowReassociation=True
+            ),
+        )
+        now = _verify(ec2, instance_id, allocation_id, retrier, replaced=holder)
+        if now == instance_id:
+            LOG.info("ec2: verified: %s (%s) is held by %s", allocation_id, public_ip, instance_id)
+            return Outcome.ASSOCIATED
+        if reassociations >= MAX_REASSOCIATIONS:
+            raise Contested(
+                f"ec2: {allocation_id} ({public_ip}) taken by {now or 'no instance'} after this instance "
+                f"associated it {reassociations + 1} times; giving up for this run"
+            )
+        LOG.warning(
+            "ec2: verify: %s (%s) is now held by %s, not this instance; deciding again",
+            allocation_id,
+            public_ip,
+            now or "no instance",
+        )
+        holder = now
+        reassociations += 1
 
-    def verify() -> None:
-        now = _describe_address(ec2, allocation_id).get("InstanceId")
-        if now != instance_id:
-            # Eventual consistency, or another instance took it right after us: look again shortly.
+
+def _verify(
+    ec2: EC2Client, instance_id: str, allocation_id: str, retrier: Retrier, *, replaced: Optional[str]
+) -> Optional[str]:
+    """The holder after our AssociateAddress: this instance, or the one that took it since.
+
+    The holder it replaced (or none) is read as eventual consistency for a few reads; any other
+    instance has associated the address after us, and the caller decides again at once.
+    """
+    reads = 0
+
+    def read() -> Optional[str]:
+        nonlocal reads
+        reads += 1
+        now: Optional[str] = _describe_address(ec2, allocation_id).get("InstanceId")
+        if now != instance_id and now == replaced and reads < VERIFY_LAG_READS:
             raise NotYet(f"held by {now or 'no instance'}")
+        return now
 
-    retrier.call("verify DescribeAddresses", verify)
-    LOG.info("ec2: verified: %s (%s) is held by %s", allocation_id, public_ip, instance_id)
-    return Outcome.ASSOCIATED
+    return retrier.call("verify DescribeAddresses", read)
 
 
 def complete_lifecycle(
@@ -219,7 +272,7 @@ def complete_lifecycle(
                 "lifecycle: %s for %s/%s not completed: %s", result, hook.auto_scaling_group, hook.hook, err
             )
         return False
-    except (BotoConnectionError, HTTPClientError, TransientError) as err:
+    except (BotoCoreError, TransientError) as err:
         LOG.warning(
             "lifecycle: %s for %s/%s not completed: %s", result, hook.auto_scaling_group, hook.hook, err
         )

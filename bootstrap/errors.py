@@ -45,3 +45,7 @@ class LockBusy(TransientError):
 
 class IdentityMismatch(TransientError):
     """IMDS answered with another instance's identity during the detour: a pin is missing."""
+
+
+class Contested(TransientError):
+    """Another instance kept taking the Elastic IP right after this one associated it."""

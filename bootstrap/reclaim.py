@@ -7,12 +7,12 @@ import random
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, TextIO
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, TextIO, TypeVar
 
 from bootstrap import routes
 from bootstrap.clock import Clock, Deadline
 from bootstrap.config import Config
-from bootstrap.errors import EXIT_OK, IdentityMismatch, ReclaimError, Terminated
+from bootstrap.errors import EXIT_OK, IdentityMismatch, ReclaimError, Terminated, TransientError
 from bootstrap.imds import Credentials, Identity, Imds, ImdsError
 from bootstrap.interrupts import INTERRUPTS, Interrupts
 from bootstrap.routes import DetourPlan, Netlink
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from bootstrap.claim import Outcome
 
 LOG = logging.getLogger(__name__)
+
+_C = TypeVar("_C")
 
 
 class Clients(Protocol):
@@ -79,6 +81,19 @@ def restore_and_forget(netlink: Netlink, plan: DetourPlan, journal: Journal, int
     journal.delete()
 
 
+def _check_journal(journal: Journal) -> None:
+    """A journal of the right version whose plan this payload cannot read: exit 75, kept for an operator."""
+    document = journal.read()
+    if document is None:
+        return
+    try:
+        DetourPlan.from_json(document["plan"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise TransientError(
+            f"journal: {journal.path}: malformed plan ({type(err).__name__}: {err}); inspect and remove it"
+        ) from None
+
+
 def _skip_warning(skip: frozenset[str]) -> None:
     if skip:
         LOG.warning("TEST ONLY: not adding pins %s (EIP_RECLAIM_TEST_SKIP_PINS)", ",".join(sorted(skip)))
@@ -112,6 +127,7 @@ def _detour_and_claim(
     identity: Identity,
     nat: str,
     creds: Optional[Credentials],
+    abandon: Callable[[], None],
 ) -> Outcome:
     with deps.netlink() as netlink:
         plan = _plan(deps, netlink, identity, nat)
@@ -140,11 +156,20 @@ def _detour_and_claim(
                 if routes.assert_detour(netlink, plan):
                     LOG.warning("routes: default route was changed under the detour; detour re-asserted")
 
-            ec2 = deps.clients.ec2(config.ec2_endpoint_url, creds)
             try:
-                return _claim(deps, config, deadline, ec2=ec2, me=identity.instance_id, before=before_attempt)
-            finally:
-                _close_connections(ec2)
+                ec2 = _ec2_client(deps, config, creds)
+                try:
+                    return _claim(
+                        deps, config, deadline, ec2=ec2, me=identity.instance_id, before=before_attempt
+                    )
+                finally:
+                    _close_connections(ec2)
+            except ReclaimError as err:
+                # Through the detour, before the restore: without a public IPv4 the instance has no
+                # route to the API afterwards, and the group would wait out the hook's timeout.
+                if not isinstance(err, Terminated):
+                    abandon()
+                raise
         finally:
             restore_and_forget(netlink, plan, deps.journal, deps.interrupts)
             LOG.info("routes: restored as journaled; journal removed")
@@ -181,6 +206,7 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
     """The whole run after the lock is held. Raises ReclaimError (with its exit code) on failure."""
     _skip_warning(deps.skip_pins)
     if deps.journal.exists():
+        _check_journal(deps.journal)
         with deps.netlink() as netlink:
             recover(netlink, deps.journal)
     identity = deps.imds.identity()
@@ -194,6 +220,7 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
     )
     outcome: Optional[Outcome] = None
     creds: Optional[Credentials] = None
+    abandoned = False  # ABANDON already tried through the detour
     try:
         nat = config.nat_for(identity.subnet_id)
         creds = deps.imds.credentials()
@@ -204,14 +231,29 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
             # A public address means the API is reachable as things are (and if it is the Elastic IP,
             # DescribeAddresses shows it is ours): no detour, no route change.
             LOG.info("routes: public IPv4 %s present; no detour needed", identity.public_ipv4)
-            ec2 = deps.clients.ec2(config.ec2_endpoint_url, creds)
+            ec2 = _ec2_client(deps, config, creds)
             outcome = _claim(deps, config, deadline, ec2=ec2, me=identity.instance_id, before=lambda: None)
         else:
-            outcome = _detour_and_claim(deps, config, deadline, identity=identity, nat=nat, creds=creds)
+
+            def abandon_through_detour() -> None:
+                nonlocal abandoned
+                abandoned = True
+                _complete(deps, config, identity.instance_id, "ABANDON", creds, through_detour=True)
+
+            outcome = _detour_and_claim(
+                deps,
+                config,
+                deadline,
+                identity=identity,
+                nat=nat,
+                creds=creds,
+                abandon=abandon_through_detour,
+            )
     except ReclaimError as err:
         deps.interrupts.disarm()
-        # A stop request is not this instance's failure: no ABANDON for it.
-        if not isinstance(err, Terminated):
+        # A stop request is not this instance's failure: no ABANDON for it. Once tried through the
+        # detour, ABANDON is not sent again: after the restore there is usually no route to the API.
+        if not isinstance(err, Terminated) and not abandoned:
             _complete(deps, config, identity.instance_id, "ABANDON", creds)
         raise
     deps.interrupts.disarm()
@@ -221,21 +263,53 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
 
 
 def _complete(
-    deps: Deps, config: Config, instance_id: str, result: str, creds: Optional[Credentials]
+    deps: Deps,
+    config: Config,
+    instance_id: str,
+    result: str,
+    creds: Optional[Credentials],
+    *,
+    through_detour: bool = False,
 ) -> None:
     if config.lifecycle_hook is None:
         return
     from bootstrap.claim import complete_lifecycle  # noqa: PLC0415
 
-    # A fresh client: the connections made through the NAT died with the detour.
+    # A fresh client: after the restore, the connections made through the NAT died with the detour;
+    # through the detour, its connections are closed before the restore (see _close_connections).
     try:
         if creds is None:
             creds = deps.imds.credentials()
-        client = deps.clients.autoscaling(config.autoscaling_endpoint_url, creds)
+        client = _api_client(
+            "lifecycle", lambda: deps.clients.autoscaling(config.autoscaling_endpoint_url, creds)
+        )
     except ReclaimError as err:
         LOG.warning("lifecycle: %s not sent: %s", result, err)
         return
-    complete_lifecycle(client, config.lifecycle_hook, instance_id, result)
+    if through_detour:
+        LOG.info("lifecycle: sending %s through the detour, before the restore", result)
+    try:
+        complete_lifecycle(client, config.lifecycle_hook, instance_id, result)
+    finally:
+        if through_detour:
+            _close_connections(client)
+
+
+def _ec2_client(deps: Deps, config: Config, creds: Optional[Credentials]) -> EC2Client:
+    return _api_client("ec2", lambda: deps.clients.ec2(config.ec2_endpoint_url, creds))
+
+
+def _api_client(what: str, make: Callable[[], _C]) -> _C:
+    """Make an API client; botocore's own errors (credentials, endpoint) are transient (75), one line."""
+    from botocore.exceptions import BotoCoreError  # noqa: PLC0415 (botocore loads on a background thread)
+
+    try:
+        return make()
+    except BotoCoreError as err:
+        one_line = " ".join(str(err).split())
+        raise TransientError(
+            f"{what}: cannot make the API client: {type(err).__name__}: {one_line}"
+        ) from None
 
 
 def dry_run(config: Config, deps: Deps, out: TextIO) -> int:

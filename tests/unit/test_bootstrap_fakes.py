@@ -136,6 +136,7 @@ class FakeImds:
     )
     fail_identity: Exception | None = None
     fail_guard: Exception | None = None
+    fail_credentials: Exception | None = None
     reads: int = 0
 
     def identity(self) -> Identity:
@@ -152,6 +153,8 @@ class FakeImds:
         return self.identity_value.instance_id
 
     def credentials(self) -> Credentials | None:
+        if self.fail_credentials:
+            raise self.fail_credentials
         return self.creds
 
 
@@ -211,12 +214,20 @@ class FakeAutoScaling:
     def __init__(self, error: Exception | None = None) -> None:
         self.completed: list[dict[str, str]] = []
         self.error = error
+        self.before_call: Callable[[str], None] = lambda result: None
+        self.closes = 0
+        self.on_close: Callable[[], None] = lambda: None
 
     def complete_lifecycle_action(self, **kwargs: str) -> dict[str, Any]:
+        self.before_call(kwargs["LifecycleActionResult"])
         if self.error:
             raise self.error
         self.completed.append(kwargs)
         return {}
+
+    def close(self) -> None:
+        self.closes += 1
+        self.on_close()
 
 
 class FakeClients:

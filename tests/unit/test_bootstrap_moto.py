@@ -15,7 +15,7 @@ from moto import mock_aws
 from bootstrap.aws import ClientFactory
 from bootstrap.claim import Outcome, Retrier, claim
 from bootstrap.clock import Deadline
-from bootstrap.errors import DeadlineExceeded, PermanentError
+from bootstrap.errors import Contested, DeadlineExceeded, PermanentError
 from tests.unit.test_bootstrap_fakes import FakeClock, FakeImds, FakeNetlink, Rig
 
 REGION = "us-east-1"
@@ -248,3 +248,60 @@ def test_a_whole_run_through_main_with_the_real_clients(aws: Any, tmp_path: Any)
     assert main(["--config", config], deps=deps) == 0
     assert _holder(aws, allocation) == me
     assert rig.netlink.table == FakeNetlink().table
+
+
+def _taken_right_after_ours(client: Any, aws: Any, allocation: str, by: str, times: int) -> None:
+    """Another instance's AssociateAddress lands right after each of ours (the first `times`)."""
+    left = [times]
+
+    def steal(**_: Any) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            aws.associate_address(AllocationId=allocation, InstanceId=by, AllowReassociation=True)
+
+    client.meta.events.register("after-call.ec2.AssociateAddress", steal)
+
+
+def test_verify_sees_a_newer_member_take_it_and_yields(aws: Any) -> None:
+    older, newer = _group_members(aws)
+    allocation = _address(aws, None)
+    client = _payload_client()
+    calls = _calls(client)
+    _taken_right_after_ours(client, aws, allocation, newer, times=1)
+    retrier = _retrier()
+    assert claim(client, older, allocation, retrier) is Outcome.YIELDED
+    assert calls == ["DescribeAddresses", "AssociateAddress", "DescribeAddresses", "DescribeInstances"]
+    assert _holder(aws, allocation) == newer
+    assert retrier.deadline.clock.slept == []  # type: ignore[attr-defined]
+
+
+def test_verify_sees_another_instance_take_it_and_associates_again(aws: Any) -> None:
+    me, other, third = _instances(aws, 3)
+    allocation = _address(aws, other)
+    client = _payload_client()
+    calls = _calls(client)
+    _taken_right_after_ours(client, aws, allocation, third, times=1)
+    assert claim(client, me, allocation, _retrier()) is Outcome.ASSOCIATED
+    assert calls == [
+        "DescribeAddresses",
+        "DescribeInstances",
+        "AssociateAddress",
+        "DescribeAddresses",
+        "DescribeInstances",
+        "AssociateAddress",
+        "DescribeAddresses",
+    ]
+    assert _holder(aws, allocation) == me
+
+
+def test_verify_gives_up_after_three_reassociations(aws: Any) -> None:
+    me, other, third = _instances(aws, 3)
+    allocation = _address(aws, other)
+    client = _payload_client()
+    calls = _calls(client)
+    _taken_right_after_ours(client, aws, allocation, third, times=10_000)
+    with pytest.raises(Contested, match="associated it 4 times") as caught:
+        claim(client, me, allocation, _retrier())
+    assert caught.value.exit_code == 75
+    assert calls.count("AssociateAddress") == 4
+    assert _holder(aws, allocation) == third

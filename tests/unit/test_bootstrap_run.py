@@ -10,7 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import (
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
 
 from bootstrap.errors import ReclaimError
 from bootstrap.imds import ImdsError
@@ -581,3 +587,229 @@ def test_journal_document_is_plain_json(rig: Rig) -> None:
     document = json.loads(captured[0])
     assert document["version"] == 1
     assert document["plan"]["nat"] == "10.0.0.4"
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {"nat": "10.0.0.4"},  # keys missing
+        {"ifindex": "seven", "router": "r", "nat": "n", "default_routes": [], "detour": {}, "pins": []},
+        {
+            "ifindex": 7,
+            "router": "r",
+            "nat": "n",
+            "default_routes": [{"colour": 1}],
+            "detour": {},
+            "pins": [],
+        },
+    ],
+)
+def test_a_malformed_journal_exits_75_naming_it_and_keeps_it(
+    rig: Rig, capsys: pytest.CaptureFixture[str], plan: dict[str, object]
+) -> None:
+    rig.journal.write({"plan": plan})
+    assert rig.main() == 75
+    assert rig.netlink.calls == []
+    assert Path(rig.journal.path).exists()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rig.journal.path in last and "inspect and remove it" in last and "(exit 75)" in last
+
+
+THIRD = "i-03333333333333333"
+
+
+def _taken_after_associate(rig: Rig, by: str, times: int) -> None:
+    """Another instance's AssociateAddress lands right after each of ours (the first `times` of them)."""
+    left = [times]
+
+    def steal(op: str) -> None:
+        if op == "DescribeAddresses" and rig.ec2.calls[-2:-1] == ["AssociateAddress"] and left[0] > 0:
+            left[0] -= 1
+            rig.ec2.address["InstanceId"] = by
+
+    rig.ec2.before_call = steal
+
+
+def test_verify_sees_a_newer_member_take_it_and_yields(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig.ec2.instances = {
+        SELF: _member(SELF, "2026-01-02T00:00:00Z"),
+        OTHER: _member(OTHER, "2026-01-01T00:00:00Z"),
+        THIRD: _member(THIRD, "2026-01-03T00:00:00Z"),
+    }
+    _taken_after_associate(rig, THIRD, times=1)
+    assert rig.main() == 0
+    assert rig.ec2.calls == [
+        "DescribeAddresses",
+        "DescribeInstances",
+        "AssociateAddress",
+        "DescribeAddresses",
+        "DescribeInstances",
+    ]
+    assert rig.ec2.address["InstanceId"] == THIRD
+    assert rig.clock.slept == []  # no spinning until the deadline
+    assert rig.netlink.table == AL2023_TABLE
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["CONTINUE"]
+    err = capsys.readouterr().err
+    assert f"is now held by {THIRD}, not this instance; deciding again" in err
+    assert f"yielding to newer instance {THIRD}" in err
+
+
+@pytest.mark.parametrize(
+    "third",
+    [_member(THIRD, "2025-12-31T00:00:00Z"), _member(THIRD, "2026-01-03T00:00:00Z", group="other"), None],
+    ids=["older-member", "newer-other-group", "unknown"],
+)
+def test_verify_sees_another_instance_take_it_and_associates_again(
+    rig: Rig, capsys: pytest.CaptureFixture[str], third: dict[str, object] | None
+) -> None:
+    rig.ec2.instances = {SELF: _member(SELF, "2026-01-02T00:00:00Z")}
+    if third:
+        rig.ec2.instances[THIRD] = third
+    _taken_after_associate(rig, THIRD, times=1)
+    assert rig.main() == 0
+    assert rig.ec2.calls == [
+        "DescribeAddresses",
+        "DescribeInstances",
+        "AssociateAddress",
+        "DescribeAddresses",
+        "DescribeInstances",
+        "AssociateAddress",
+        "DescribeAddresses",
+    ]
+    assert rig.ec2.address["InstanceId"] == SELF
+    assert rig.netlink.table == AL2023_TABLE
+    assert "associating again (1 of at most 3)" in capsys.readouterr().err
+
+
+def test_verify_gives_up_after_three_reassociations_with_75(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _taken_after_associate(rig, THIRD, times=10_000)
+    assert rig.main() == 75
+    assert rig.ec2.calls.count("AssociateAddress") == 1 + 3
+    assert rig.ec2.address["InstanceId"] == THIRD
+    assert rig.netlink.table == AL2023_TABLE
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"taken by {THIRD} after this instance associated it 4 times" in last and "(exit 75)" in last
+
+
+def test_verify_reads_the_replaced_holder_as_lag_only_a_few_times(rig: Rig) -> None:
+    # The holder it replaced took it back: after a few reads that is a taking, not eventual consistency.
+    _taken_after_associate(rig, OTHER, times=1)
+    assert rig.main() == 0
+    assert rig.ec2.calls.count("AssociateAddress") == 2
+    assert rig.ec2.address["InstanceId"] == SELF
+    assert sum(rig.clock.slept) < 30
+
+
+def test_abandon_after_a_permanent_failure_goes_through_the_detour_once(rig: Rig) -> None:
+    # Without a public IPv4 the instance has no route to the API once the detour is gone.
+    at_call: list[str | None] = []
+    at_close: list[str | None] = []
+    rig.autoscaling.before_call = lambda result: at_call.append(_default(rig).gateway)
+    rig.autoscaling.on_close = lambda: at_close.append(_default(rig).gateway)
+    rig.ec2.errors["AssociateAddress"] = [client_error("UnauthorizedOperation", 403)]
+
+    assert rig.main() == 3
+
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+    assert at_call == ["10.0.0.4"]
+    assert at_close == ["10.0.0.4"]  # its connections closed before the restore, like the EC2 client's
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_abandon_that_fails_through_the_detour_is_not_sent_again(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    at_call: list[str | None] = []
+    rig.autoscaling = FakeAutoScaling(error=EndpointConnectionError(endpoint_url="https://autoscaling"))
+    rig.autoscaling.before_call = lambda result: at_call.append(_default(rig).gateway)
+    rig.ec2.errors["DescribeAddresses"] = [client_error("AuthFailure", 401)]
+
+    assert rig.main() == 3
+
+    assert at_call == ["10.0.0.4"]
+    assert rig.netlink.table == AL2023_TABLE
+    assert "ABANDON for svc-asg/svc-launch not completed" in capsys.readouterr().err
+
+
+def test_abandon_after_the_deadline_in_the_detour_goes_through_the_detour(rig: Rig) -> None:
+    at_call: list[str | None] = []
+    rig.autoscaling.before_call = lambda result: at_call.append(_default(rig).gateway)
+    rig.ec2.errors["DescribeAddresses"] = [client_error("RequestLimitExceeded")] * 10_000
+    assert rig.main(config=rig.config(deadline_seconds=30)) == 75
+    assert at_call == ["10.0.0.4"]
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+
+
+def test_abandon_after_the_identity_guard_tripped_stays_best_effort_after_the_restore(rig: Rig) -> None:
+    # The guard says IMDS (and so perhaps the route) is not ours: nothing is sent through that detour.
+    at_call: list[str | None] = []
+    rig.autoscaling.before_call = lambda result: at_call.append(_default(rig).gateway)
+    rig.imds.later_instance_ids = ["i-0nat0000000000000"]
+    assert rig.main() == 75
+    assert at_call == ["10.0.0.1"]
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+
+
+def test_continue_is_still_sent_after_the_restore(rig: Rig) -> None:
+    at_call: list[str | None] = []
+    rig.autoscaling.before_call = lambda result: at_call.append(_default(rig).gateway)
+    assert rig.main() == 0
+    assert at_call == ["10.0.0.1"]
+    assert rig.autoscaling.closes == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        NoCredentialsError(),
+        PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"),
+        ParamValidationError(report="odd"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_botocore_errors_of_a_call_are_transient_75_in_one_line(
+    rig: Rig, capsys: pytest.CaptureFixture[str], error: Exception
+) -> None:
+    rig.ec2.errors["AssociateAddress"] = [error]
+    assert rig.main() == 75
+    assert rig.ec2.calls.count("AssociateAddress") == 1
+    assert rig.netlink.table == AL2023_TABLE
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("(exit 75)")
+    assert f"ERROR: ec2: AssociateAddress: {type(error).__name__}: " in last
+
+
+def test_botocore_error_making_the_client_is_transient_75(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bootstrap.cli import main
+
+    deps = rig.deps()
+
+    def no_credentials(endpoint_url: object, credentials: object) -> object:
+        raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
+
+    deps.clients.ec2 = no_credentials  # type: ignore[method-assign]
+    assert main(["--config", rig.config()], deps=deps) == 75
+    assert rig.netlink.table == AL2023_TABLE
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ec2: cannot make the API client: PartialCredentialsError" in last and "(exit 75)" in last
+
+
+def test_botocore_error_of_the_lifecycle_call_is_logged_not_fatal(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.autoscaling = FakeAutoScaling(error=NoCredentialsError())
+    assert rig.main() == 0
+    assert "CONTINUE for svc-asg/svc-launch not completed: Unable to locate credentials" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_odd_imds_credentials_document_is_75(rig: Rig) -> None:
+    rig.imds.fail_credentials = ImdsError("imds: iam/security-credentials/r: field AccessKeyId is missing")
+    assert rig.main() == 75
+    assert rig.netlink.calls == []
