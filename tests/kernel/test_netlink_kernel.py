@@ -42,11 +42,40 @@ def scenario(nl, ifindex):
                    for r in nl.routes(routes.MAIN_TABLE))
     return {"events": out, "table": table}
 
+def group(nl, ifindex):
+    # One (dst, metric) group with several routes: what a DHCP client's NLM_F_APPEND makes of a detour.
+    out = []
+    dhcp = Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=ifindex, priority=700, proto=16,
+                 prefsrc="10.0.0.10")
+    detour = replace(dhcp, gateway="10.0.0.4")
+    static = Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=ifindex, priority=700)
+    def order():
+        table = routes._defaults(nl.routes(routes.MAIN_TABLE))
+        return [[r.gateway, r.proto] for r in table if r.priority == 700]
+    def step(name, command, route):
+        try:
+            getattr(nl, command)(route)
+            out.append(f"{name}: ok {order()}")
+        except RouteError as err:
+            out.append(f"{name}: errno {err.__cause__.code} {order()}")
+    step("replace-into-empty", "replace", detour)
+    step("append-sibling", "append", dhcp)
+    step("append-identical", "append", dhcp)
+    step("replace-identical-not-first", "replace", dhcp)
+    step("replace-identical-first", "replace", detour)
+    step("add-to-group", "add", static)
+    step("append-third", "append", static)
+    step("delete-first", "delete", detour)
+    step("replace-first", "replace", detour)
+    return out
+
 with reclaim.pyroute2_netlink() as nl:
     ifindex = nl.link_index("02:00:0a:00:00:0a")
     real = scenario(nl, ifindex)
+    real_group = group(nl, ifindex)
 fake = scenario(FakeNetlink(table=[], links={"02:00:0a:00:00:0a": ifindex}), ifindex)
-print(json.dumps({"real": real, "fake": fake}))
+fake_group = group(FakeNetlink(table=[], links={"02:00:0a:00:00:0a": ifindex}), ifindex)
+print(json.dumps({"real": real, "fake": fake, "real_group": real_group, "fake_group": fake_group}))
 """
 
 
@@ -73,6 +102,26 @@ def test_adapter_and_fake_agree_with_the_kernel(ns: netns.Netns) -> None:
         ["0.0.0.0/0", "10.0.0.4", 512, 16, 0, "10.0.0.10", [["RTAX_MTU", 1400]]],
     ]
     assert fake == real
+
+
+def test_append_and_replace_within_a_group_as_the_fake_has_them(ns: netns.Netns) -> None:
+    """The kernel's rules the restore relies on: APPEND goes behind a same-metric sibling; a replace of a
+    route identical to one behind the group's first is refused (EEXIST); identical to the first: no-op."""
+    done = ns.run("env", f"PYTHONPATH={REPO}", sys.executable, "-c", SCRIPT)
+    result = json.loads(done.stdout)
+    nat, dhcp, static = ["10.0.0.4", 16], ["10.0.0.1", 16], ["10.0.0.1", 4]
+    assert result["real_group"] == [
+        f"replace-into-empty: ok {[nat]}",
+        f"append-sibling: ok {[nat, dhcp]}",
+        f"append-identical: errno 17 {[nat, dhcp]}",
+        f"replace-identical-not-first: errno 17 {[nat, dhcp]}",
+        f"replace-identical-first: ok {[nat, dhcp]}",
+        f"add-to-group: errno 17 {[nat, dhcp]}",
+        f"append-third: ok {[nat, dhcp, static]}",
+        f"delete-first: ok {[dhcp, static]}",
+        f"replace-first: ok {[nat, static]}",
+    ]
+    assert result["fake_group"] == result["real_group"]
 
 
 def test_the_interface_is_found_by_mac_whatever_its_name(ns: netns.Netns) -> None:

@@ -1,9 +1,11 @@
 """Small fakes for the payload's injected dependencies (clock, IMDS, netlink, EC2), and their own checks.
 
 The netlink fake follows the kernel's IPv4 rules that the payload relies on: a route's key is
-(table, dst, metric); `add` of an existing key fails with EEXIST; `replace` swaps the route with the
-same key or adds it; `del` matches the attributes given and fails with ESRCH when none matches.
-tests/kernel runs the same operations against the real kernel.
+(table, dst, metric), and the routes of one key form an ordered group; `add` of an existing key fails
+with EEXIST; `append` adds after the group unless an identical route is in it (EEXIST); `replace` swaps
+the group's first route (or adds one), is a no-op when that first route is identical, and fails with
+EEXIST when an identical route is further down the group; `del` matches the attributes given and fails
+with ESRCH when none matches. tests/kernel runs the same operations against the real kernel.
 """
 
 from __future__ import annotations
@@ -94,19 +96,34 @@ class FakeNetlink:
             raise route_failure(command, route, self.fail_on[command])
         self.on_change(command, route)
 
+    def _group(self, route: Route) -> list[int]:
+        """Positions of the routes with the route's key, in the kernel's order within the group."""
+        return [i for i, r in enumerate(self.table) if _key(r) == _key(route)]
+
     def add(self, route: Route) -> None:
         self._record("add", route)
-        if any(_key(r) == _key(route) for r in self.table):
+        if self._group(route):
             raise route_failure("add", route, errno.EEXIST)
         self.table.append(route)
 
+    def append(self, route: Route) -> None:
+        self._record("append", route)
+        group = self._group(route)
+        if any(self.table[i] == route for i in group):
+            raise route_failure("append", route, errno.EEXIST)
+        self.table.insert(group[-1] + 1 if group else len(self.table), route)
+
     def replace(self, route: Route) -> None:
         self._record("replace", route)
-        for i, r in enumerate(self.table):
-            if _key(r) == _key(route):
-                self.table[i] = route
-                return
-        self.table.append(route)
+        group = self._group(route)
+        if not group:
+            self.table.append(route)
+        elif self.table[group[0]] == route:
+            return
+        elif any(self.table[i] == route for i in group):
+            raise route_failure("replace", route, errno.EEXIST)
+        else:
+            self.table[group[0]] = route
 
     def delete(self, route: Route) -> bool:
         self._record("delete", route)
@@ -311,6 +328,20 @@ def test_fake_netlink_replace_keys_on_dst_and_metric() -> None:
     nl.replace(replace(DHCP_DEFAULT, gateway="10.0.0.5", priority=0))
     gateways = sorted((r.priority, r.gateway) for r in nl.table if r.dst == "0.0.0.0/0")
     assert gateways == [(0, "10.0.0.5"), (512, "10.0.0.4")]
+
+
+def test_fake_netlink_append_and_replace_in_a_group_like_the_kernel() -> None:
+    nl = FakeNetlink()
+    detour = replace(DHCP_DEFAULT, gateway="10.0.0.4")
+    nl.replace(detour)
+    nl.append(DHCP_DEFAULT)
+    assert [r for r in nl.table if r.dst == "0.0.0.0/0"] == [detour, DHCP_DEFAULT]
+    for command in (nl.replace, nl.append):
+        with pytest.raises(RouteError) as caught:
+            command(DHCP_DEFAULT)
+        assert getattr(caught.value.__cause__, "code", None) == errno.EEXIST
+    nl.replace(detour)  # identical to the group's first: nothing changes
+    assert [r for r in nl.table if r.dst == "0.0.0.0/0"] == [detour, DHCP_DEFAULT]
 
 
 def test_fake_imds_errors_are_raised() -> None:
