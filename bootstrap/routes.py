@@ -7,7 +7,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from bootstrap.errors import ConfigError, TransientError
 
@@ -87,6 +87,8 @@ class Netlink(Protocol):
 
     def add(self, route: Route) -> None: ...
 
+    def append(self, route: Route) -> None: ...
+
     def replace(self, route: Route) -> None: ...
 
     def delete(self, route: Route) -> bool: ...
@@ -154,6 +156,11 @@ class PyRoute2Netlink:
 
     def add(self, route: Route) -> None:
         self._call("add", route)
+
+    def append(self, route: Route) -> None:
+        # NLM_F_CREATE|NLM_F_APPEND: after the routes of the same (dst, metric), never EEXIST for a
+        # sibling that differs (only for an identical route).
+        self._call("append", route)
 
     def replace(self, route: Route) -> None:
         self._call("replace", route)
@@ -283,27 +290,136 @@ def apply_pins(netlink: Netlink, plan: DetourPlan) -> DetourPlan:
     )
 
 
-def detour_in_place(netlink: Netlink, plan: DetourPlan) -> bool:
-    """True when the best default route of the main table is the detour via the NAT."""
-    defaults = _defaults(netlink.routes(MAIN_TABLE))
-    return bool(defaults) and defaults[0].gateway == plan.nat and defaults[0].oif == plan.ifindex
+def _same_key(a: Route, b: Route) -> bool:
+    """Same IPv4 route key (table, dst, metric): the kernel keeps such routes in one ordered group."""
+    return (a.table, a.dst, a.priority) == (b.table, b.dst, b.priority)
+
+
+def _via_nat(route: Route, plan: DetourPlan) -> bool:
+    return route.gateway == plan.nat and route.oif == plan.ifindex
 
 
 def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
-    """Put the detour (back) in place; True if it had to be changed (a DHCP client re-added its route)."""
-    if detour_in_place(netlink, plan):
-        return False
-    netlink.replace(plan.detour)
-    return True
+    """Put the detour (back) in place; True if it had to be changed (a DHCP client re-added its route).
+
+    The kernel keeps routes of one (dst, metric) in an ordered group and uses the first; for default
+    routes it may also move on to a later one of the same metric when the first gateway's neighbour
+    looks dead (fib_select_default). A DHCP client re-adds its route in one of two ways:
+    - replace (NLM_F_REPLACE): the detour is swapped out; it is replaced back, atomically;
+    - append (NLM_F_CREATE|NLM_F_APPEND, sd-netlink's default): the original sits *beside* the detour.
+      The detour is first then, but not the only candidate, so API traffic could leave by the VPC router.
+      The copy is deleted: it is identical to the journaled route the detour replaced, so the restore
+      puts it back exactly (and the detour remains meanwhile: never a moment without a default route).
+    Other routes (same-metric default routes that existed before the run, a route this run did not
+    journal) are someone else's and left alone; one ahead of the detour is logged.
+    """
+    detour = plan.detour
+    replaced = plan.default_routes[0] if plan.default_routes else None
+
+    def group() -> list[Route]:
+        return [r for r in _defaults(netlink.routes(MAIN_TABLE)) if _same_key(r, detour)]
+
+    changed = False
+    if detour not in group():
+        # Not present: the replace swaps the group's first route (or adds the detour to an empty group);
+        # no EEXIST, since no identical route is in the group.
+        netlink.replace(detour)
+        changed = True
+    if replaced is not None and replaced != detour:
+        for route in group():
+            if route == replaced:
+                netlink.delete(route)
+                changed = True
+    best = _defaults(netlink.routes(MAIN_TABLE))
+    if best and best[0] != detour:
+        LOG.warning("routes: %s is ahead of the detour and not this run's; left alone", best[0].describe())
+    return changed
+
+
+def _restore_order(netlink: Netlink, journaled: Sequence[Route]) -> None:
+    """Give the journaled routes of each (dst, metric) group their journaled order back.
+
+    Moving a route to the end of its group is a delete and an append; moving every route after the first
+    one out of place, in journaled order, sorts the group and never deletes the route that stays first.
+    """
+    for metric in dict.fromkeys(r.priority for r in journaled):
+        wanted = [r for r in journaled if r.priority == metric]
+        seen = [r for r in _defaults(netlink.routes(MAIN_TABLE)) if r in wanted]
+        if seen == wanted or len(seen) != len(wanted):
+            continue  # in order, or incomplete (verification reports what is missing)
+        first = next(i for i, (a, b) in enumerate(zip(seen, wanted)) if a != b)
+        for route in wanted[first + 1 :]:
+            netlink.delete(route)
+            netlink.append(route)
+
+
+def differences(netlink: Netlink, plan: DetourPlan) -> list[str]:
+    """How the main table differs from the journal: empty when it is as the run found it."""
+    table = netlink.routes(MAIN_TABLE)
+    defaults = _defaults(table)
+    problems = [f"missing {r.describe()}" for r in plan.default_routes if r not in defaults]
+    for metric in dict.fromkeys(r.priority for r in plan.default_routes):
+        wanted = [r for r in plan.default_routes if r.priority == metric]
+        seen = [r for r in defaults if r in wanted]
+        if len(seen) == len(wanted) and seen != wanted:
+            problems.append(f"default routes of metric {metric} not in their journaled order")
+    problems += [
+        f"detour still present: {r.describe()}"
+        for r in defaults
+        if _via_nat(r, plan) and r not in plan.default_routes
+    ]
+    problems += [f"pin still present: {p.describe()}" for p in plan.pins if p in table]
+    return problems
 
 
 def restore(netlink: Netlink, plan: DetourPlan) -> None:
-    """Put the main table back as journaled. Idempotent: safe to repeat after a crash at any point."""
+    """Put the main table back as journaled, from whatever state it is in (state-based, idempotent).
+
+    Every step is tried even when an earlier one failed (the pins are always deleted); then the table is
+    compared with the journal, and RouteError is raised only if it still differs (the journal is kept).
+    A journaled route already present exactly is left alone: a DHCP client may have re-added it during
+    the detour, and the kernel refuses a replace of a route identical to one behind the group's first.
+    """
+    failures: list[str] = []
+
+    def attempt(action: Callable[[Route], object], route: Route) -> None:
+        try:
+            action(route)
+        except RouteError as err:
+            LOG.warning("%s", err)
+            failures.append(str(err))
+
+    # 1. Journaled routes that are missing come back before any detour goes: where the detour is first in
+    #    the route's group, a replace swaps it atomically (the group's order as it was); otherwise an append
+    #    (NLM_F_APPEND: a same-metric sibling cannot refuse it, as it would a plain add).
     for route in plan.default_routes:
-        netlink.replace(route)
-    for route in _defaults(netlink.routes(MAIN_TABLE)):
-        # A detour route still present (no default route to replace it by, or left at another metric).
-        if route.gateway == plan.nat and route.oif == plan.ifindex and route not in plan.default_routes:
-            netlink.delete(route)
+        defaults = _defaults(netlink.routes(MAIN_TABLE))
+        if route in defaults:
+            continue
+        group = [r for r in defaults if _same_key(r, route)]
+        if group and _via_nat(group[0], plan) and group[0] not in plan.default_routes:
+            attempt(netlink.replace, route)
+        else:
+            attempt(netlink.append, route)
+    # 2. Default routes via the NAT that the journal does not hold: the detour and any copy of it. Never the
+    #    last default route where the journal had one (a journaled route could not come back): better the
+    #    NAT than no path at all until the next run.
+    defaults = _defaults(netlink.routes(MAIN_TABLE))
+    others = [r for r in defaults if not _via_nat(r, plan) or r in plan.default_routes]
+    for route in defaults:
+        if _via_nat(route, plan) and route not in plan.default_routes:
+            if plan.default_routes and not others:
+                LOG.warning("routes: %s kept: it is the only default route", route.describe())
+                continue
+            attempt(netlink.delete, route)
+    try:
+        _restore_order(netlink, plan.default_routes)
+    except RouteError as err:
+        LOG.warning("%s", err)
+        failures.append(str(err))
+    # 3. Only the pins this run added (exact match), whatever happened above.
     for pin in plan.pins:
-        netlink.delete(pin)
+        attempt(netlink.delete, pin)
+    problems = differences(netlink, plan)
+    if problems:
+        raise RouteError(f"routes: not restored as journaled: {'; '.join(problems + failures)}")

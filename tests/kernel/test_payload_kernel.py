@@ -335,3 +335,61 @@ def test_sigkill_at_random_moments_is_always_repaired_by_the_next_run(w: World) 
         assert code == 0, err
         assert w.all_routes() == before, err
         assert w.holder() == w.ids["self"]
+
+
+def test_a_lease_renewal_that_appends_the_route_during_the_detour_is_undone(w: World) -> None:
+    """systemd-networkd adds its routes with NLM_F_CREATE|NLM_F_APPEND: the original comes back *beside*
+    the detour (same metric, second in the group), where a replace of it is refused with EEXIST."""
+    before = w.all_routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        w.wait_for_detour()
+        # Past the re-assertion before the (paused) API call: the restore meets the appended original.
+        time.sleep(1.0)
+        w.inst.ip("route", "append", *lab.AL2023_ROUTES[-1].split())
+        assert [r["gateway"] for r in w.defaults()] == [lab.NAT, lab.ROUTER]
+    finally:
+        w.resume_api()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert w.all_routes() == before
+    assert not w.journal.exists()
+    assert w.holder() == w.ids["self"]
+
+
+def test_sigkill_after_the_original_was_appended_is_recovered_by_the_next_run(w: World) -> None:
+    before = w.all_routes()
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        w.wait_for_detour()
+        time.sleep(1.0)
+        w.inst.ip("route", "append", *lab.AL2023_ROUTES[-1].split())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert w.journal.exists()
+    finally:
+        w.resume_api()
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    assert "recover:" in err
+    assert w.all_routes() == before
+    assert not w.journal.exists()
+    # A second restore has nothing left to do: the next run changes nothing it did not undo.
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    assert w.all_routes() == before
+
+
+def test_two_default_routes_of_the_same_metric_come_back_in_their_order(w: World) -> None:
+    w.inst.ip(
+        "route", "append", *f"default via {lab.ROUTER} dev {lab.IFNAME} proto static metric 512".split()
+    )
+    before = w.all_routes()
+    assert [r["protocol"] for r in w.defaults()] == ["dhcp", "static"]
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    assert w.all_routes() == before
+    assert not w.journal.exists()
+    assert w.holder() == w.ids["self"]

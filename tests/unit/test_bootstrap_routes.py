@@ -1,0 +1,133 @@
+"""restore and assert_detour against the kernel-like fake: state-based, complete, idempotent."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+
+import pytest
+
+from bootstrap import routes
+from bootstrap.routes import DetourPlan, Route, RouteError
+from tests.unit.test_bootstrap_fakes import AL2023_TABLE, DHCP_DEFAULT, MAC, FakeNetlink, route_failure
+
+NAT = "10.0.0.4"
+STATIC_DEFAULT = Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=DHCP_DEFAULT.oif, priority=512)
+
+
+def _detour(nl: FakeNetlink) -> DetourPlan:
+    """Plan, journal-worthy, with the pins added and the detour in place: what a run has mid-detour."""
+    plan = routes.plan_detour(nl, mac=MAC, subnet_cidr="10.0.0.0/24", vpc_cidrs=["10.0.0.0/16"], nat=NAT)
+    plan = routes.apply_pins(nl, plan)
+    nl.replace(plan.detour)
+    return plan
+
+
+def _defaults(nl: FakeNetlink) -> list[Route]:
+    return [r for r in nl.table if r.dst == "0.0.0.0/0"]
+
+
+def test_a_plain_restore_swaps_the_detour_back_in_one_replace() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    nl.calls.clear()
+    routes.restore(nl, plan)
+    assert nl.table == AL2023_TABLE
+    assert [c for c, r in nl.calls if r.dst == "0.0.0.0/0"] == ["replace"]
+
+
+def test_an_original_appended_beside_the_detour_is_kept_and_the_detour_deleted() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    nl.append(DHCP_DEFAULT)  # systemd-networkd's lease renewal: NLM_F_CREATE|NLM_F_APPEND
+    routes.restore(nl, plan)
+    assert nl.table == AL2023_TABLE
+    nl.calls.clear()
+    routes.restore(nl, plan)  # a second restore changes nothing
+    assert [c for c, _ in nl.calls if c != "delete"] == []
+    assert nl.table == AL2023_TABLE
+
+
+def test_two_same_metric_default_routes_come_back_in_their_order() -> None:
+    nl = FakeNetlink(table=[*AL2023_TABLE, STATIC_DEFAULT])
+    plan = _detour(nl)
+    assert _defaults(nl) == [plan.detour, STATIC_DEFAULT]
+    routes.restore(nl, plan)
+    assert _defaults(nl) == [DHCP_DEFAULT, STATIC_DEFAULT]
+
+
+def test_a_swapped_group_is_put_back_in_the_journaled_order_without_emptying_it() -> None:
+    nl = FakeNetlink(table=[*AL2023_TABLE, STATIC_DEFAULT])
+    plan = _detour(nl)
+    nl.append(DHCP_DEFAULT)  # detour, static, dhcp
+
+    def never_empty(command: str, route: Route) -> None:
+        if command == "delete" and route.dst == "0.0.0.0/0":
+            assert len(_defaults(nl)) > 1, "the last default route deleted"
+
+    nl.on_change = never_empty
+    routes.restore(nl, plan)
+    assert _defaults(nl) == [DHCP_DEFAULT, STATIC_DEFAULT]
+
+
+def test_duplicates_of_the_detour_are_all_deleted() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    nl.append(replace(plan.detour, proto=4))
+    nl.append(replace(plan.detour, priority=1024))
+    routes.restore(nl, plan)
+    assert nl.table == AL2023_TABLE
+
+
+def test_the_pins_are_deleted_even_when_the_default_route_cannot_come_back() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    nl.fail_on = {"replace": errno.ENETUNREACH, "append": errno.ENETUNREACH}
+    with pytest.raises(RouteError, match=r"missing 0\.0\.0\.0/0 via 10\.0\.0\.1 "):
+        routes.restore(nl, plan)
+    assert not [p for p in plan.pins if p in nl.table]
+    # The detour is the only default route left: kept (a path via the NAT rather than none).
+    assert _defaults(nl) == [plan.detour]
+    nl.fail_on = {}
+    routes.restore(nl, plan)
+    assert nl.table == AL2023_TABLE
+
+
+def test_a_failed_step_that_left_the_table_right_is_not_an_error() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    pin = plan.pins[0]
+
+    def gone_meanwhile(command: str, route: Route) -> None:
+        if command == "delete" and route == pin:
+            nl.table.remove(pin)
+            raise route_failure(command, route, errno.EBUSY)
+
+    nl.on_change = gone_meanwhile
+    routes.restore(nl, plan)
+    assert nl.table == AL2023_TABLE
+
+
+def test_assert_detour_deletes_an_appended_original_so_the_detour_is_the_only_one() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    assert routes.assert_detour(nl, plan) is False
+    nl.append(DHCP_DEFAULT)
+    assert routes.assert_detour(nl, plan) is True
+    assert _defaults(nl) == [plan.detour]
+    assert routes.assert_detour(nl, plan) is False
+
+
+def test_assert_detour_replaces_an_original_put_back_in_its_place() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    nl.replace(DHCP_DEFAULT)
+    assert routes.assert_detour(nl, plan) is True
+    assert _defaults(nl) == [plan.detour]
+
+
+def test_assert_detour_leaves_a_same_metric_route_that_was_there_before() -> None:
+    nl = FakeNetlink(table=[*AL2023_TABLE, STATIC_DEFAULT])
+    plan = _detour(nl)
+    assert routes.assert_detour(nl, plan) is False
+    assert _defaults(nl) == [plan.detour, STATIC_DEFAULT]
