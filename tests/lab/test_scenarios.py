@@ -152,11 +152,17 @@ def test_4_nat_down_fails_bounded_and_restores(lab: vpc.Lab) -> None:
 
 
 def test_4_nat_down_still_attempts_abandon(lab: vpc.Lab) -> None:
-    """ABANDON is attempted after the restore: with no address and no NAT it cannot get out, which the
-    gateway sees (and drops) as a connection towards the Auto Scaling endpoint."""
+    """ABANDON is attempted through the detour, the only way out an instance without an address has;
+    with the NAT down it cannot arrive (the hook's own default ABANDON covers that), and it is not
+    tried again through the router, which would drop it."""
     instance, _before, run = nat_down_boot(lab)
     assert run.returncode == 75, run.stderr
-    assert (instance.private_ip, 8081) in lab.egress_attempts(), run.stderr
+    assert "lifecycle: sending ABANDON through the detour, before the restore" in run.stderr
+    assert any(
+        "lifecycle: ABANDON for" in line and "not completed" in line for line in run.stderr.splitlines()
+    ), run.stderr
+    assert lifecycle_results(lab, instance) == []
+    assert (instance.private_ip, 8081) not in lab.egress_attempts(), run.stderr
 
 
 def test_5_missing_imds_pin_is_caught_by_the_guard(lab: vpc.Lab) -> None:
@@ -232,7 +238,9 @@ def test_9_unauthorized_fails_fast_with_3(lab: vpc.Lab) -> None:
     assert instance.routes() == before
     assert lab.holder() is None
     assert lab.client_get(timeout=0.5) is None
-    assert (instance.private_ip, 8081) in lab.egress_attempts()  # ABANDON attempted
+    # ABANDON went out through the detour (from the NAT's address), so the group replaces the
+    # instance at once instead of waiting out the hook.
+    assert lifecycle_results(lab, instance) == [("ABANDON", vpc.nat_uplink_ip(0))], run.stderr
 
 
 def test_10_elastic_ip_gone_fails_with_3(lab: vpc.Lab) -> None:
