@@ -154,17 +154,10 @@ def test_sigterm_mid_detour_restores_and_exits_75(w: World) -> None:
 @both_payloads
 def test_sigkill_mid_detour_is_restored_by_the_next_run(w: World) -> None:
     before = w.all_routes()
-    w.pause_api()
-    proc = w.start_payload(w.config())
-    try:
-        w.wait_for_detour()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-        # Nothing can restore after SIGKILL: the detour and the journal are left behind.
-        assert w.all_routes() != before
-        assert w.journal.exists()
-    finally:
-        w.resume_api()
+    w.kill_mid_detour(w.config())
+    # Nothing can restore after SIGKILL: the detour and the journal are left behind.
+    assert w.all_routes() != before
+    assert w.journal.exists()
     code, _, err = w.run_payload(w.config())
     assert code == 0, err
     assert "recover:" in err
@@ -174,14 +167,7 @@ def test_sigkill_mid_detour_is_restored_by_the_next_run(w: World) -> None:
 
 def test_sigkill_then_a_run_that_fails_still_restores_the_first_detour(w: World) -> None:
     before = w.all_routes()
-    w.pause_api()
-    proc = w.start_payload(w.config())
-    try:
-        w.wait_for_detour()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        w.resume_api()
+    w.kill_mid_detour(w.config())
     code, _, err = w.run_payload(w.config(allocation_id="eipalloc-0123456789abcdef0"))
     assert code == 3, err
     assert w.all_routes() == before
@@ -360,17 +346,13 @@ def test_a_lease_renewal_that_appends_the_route_during_the_detour_is_undone(w: W
 
 def test_sigkill_after_the_original_was_appended_is_recovered_by_the_next_run(w: World) -> None:
     before = w.all_routes()
-    w.pause_api()
-    proc = w.start_payload(w.config())
-    try:
-        w.wait_for_detour()
+
+    def append_the_original() -> None:
         time.sleep(1.0)
         w.inst.ip("route", "append", *lab.AL2023_ROUTES[-1].split())
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-        assert w.journal.exists()
-    finally:
-        w.resume_api()
+
+    w.kill_mid_detour(w.config(), before_kill=append_the_original)
+    assert w.journal.exists()
     code, _, err = w.run_payload(w.config())
     assert code == 0, err
     assert "recover:" in err

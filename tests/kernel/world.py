@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +153,18 @@ class World:
     def resume_api(self) -> None:
         assert self.moto is not None
         os.kill(self.moto.pid, signal.SIGCONT)
+
+    def kill_mid_detour(self, config: Path, *, before_kill: Callable[[], None] = lambda: None) -> None:
+        """Start a run, hold the API so it sits in the detour, SIGKILL it there (after `before_kill`)."""
+        self.pause_api()
+        proc = self.start_payload(config)
+        try:
+            self.wait_for_detour()
+            before_kill()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+        finally:
+            self.resume_api()
 
     def wait_for_detour(self, timeout: float = 15) -> list[dict[str, Any]]:
         """Poll from outside until the default route goes via the NAT; return the table then."""
