@@ -511,24 +511,15 @@ class Lab:
             ],
             "api",
         )
-        self._spawn(
+        self._spawn_router(
             routerns,
-            [
-                PYTHON,
-                "-m",
-                "tests.lab.router",
-                "--dir",
-                str(self.dir),
-                "--name",
-                "router",
-                "--moto-url",
-                f"http://{INTERNET_IP}:{MOTO_PORT}/",
-                "--region",
-                REGION,
-                "--sync-address",
-                ROUTER_UPLINK_IP,
-            ],
             "router",
+            "--moto-url",
+            f"http://{INTERNET_IP}:{MOTO_PORT}/",
+            "--region",
+            REGION,
+            "--sync-address",
+            ROUTER_UPLINK_IP,
         )
 
         def control_client() -> Any:
@@ -563,6 +554,12 @@ class Lab:
         """A lab daemon in a namespace, its output in <name>.log (it dies with the namespace)."""
         with (self.dir / f"{name}.log").open("wb") as log:
             ns.popen(argv, cwd=REPO, env=self._daemon_env(), stdout=log, stderr=subprocess.STDOUT)
+
+    def _spawn_router(self, ns: netns.Netns, name: str, *args: str) -> None:
+        """The IMDS (and, in the router namespace, the gateway) daemon of `tests.lab.router`."""
+        self._spawn(
+            ns, [PYTHON, "-m", "tests.lab.router", "--dir", str(self.dir), "--name", name, *args], name
+        )
 
     def _daemon_env(self) -> dict[str, str]:
         return {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
@@ -639,21 +636,7 @@ class Lab:
             "role": "lab-nat-role",
             "access_key_id": "ASIANAT" + nat_id[2:].upper(),
         }
-        self._spawn(
-            ns,
-            [
-                PYTHON,
-                "-m",
-                "tests.lab.router",
-                "--dir",
-                str(self.dir),
-                "--name",
-                f"nat{index}",
-                "--fixed-identity",
-                json.dumps(identity),
-            ],
-            f"nat{index}",
-        )
+        self._spawn_router(ns, f"nat{index}", "--fixed-identity", json.dumps(identity))
 
 
 def set_sysctls(ns: netns.Netns, values: dict[str, str]) -> None:
