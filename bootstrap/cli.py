@@ -92,7 +92,12 @@ def _main(args: argparse.Namespace, injected: Optional[object]) -> int:
     from bootstrap.state import Journal, Lock, state_dir  # noqa: PLC0415
 
     config = load_config(args.config)
-    skip_pins = parse_skip_pins(os.environ.get(SKIP_PINS_ENV))
+    skip_pins = frozenset[str]()
+    if os.environ.get(SKIP_PINS_ENV):
+        if config.test:
+            skip_pins = parse_skip_pins(os.environ[SKIP_PINS_ENV])
+        else:
+            LOG.warning("%s ignored: test switches apply only to a test configuration", SKIP_PINS_ENV)
     if isinstance(injected, reclaim.Deps):
         deps = injected
         deadline = Deadline(deps.clock, config.deadline_seconds)

@@ -538,14 +538,27 @@ def test_skip_pins_env_is_test_only_and_warned(
 ) -> None:
     rig.skip_pins = frozenset({"imds"})
     monkeypatch.setenv("EIP_RECLAIM_TEST_SKIP_PINS", "imds")
-    assert rig.main() == 0
+    assert rig.main(config=rig.config(test=True)) == 0
     assert all(r.dst != "169.254.169.254/32" for _, r in rig.netlink.calls)
     assert "TEST ONLY" in capsys.readouterr().err
 
 
+def test_skip_pins_env_is_ignored_outside_a_test_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Through the real command line (no injected deps): the switch must never reach production.
+    from bootstrap.cli import main
+
+    monkeypatch.setenv("EIP_RECLAIM_TEST_SKIP_PINS", "imds")
+    rig = Rig(tmp_path)
+    assert main(["--config", rig.config(), "--dry-run"], deps=rig.deps()) == 0
+    err = capsys.readouterr().err
+    assert "EIP_RECLAIM_TEST_SKIP_PINS ignored: test switches apply only to a test configuration" in err
+
+
 def test_unknown_skip_pin_name_is_a_configuration_error(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EIP_RECLAIM_TEST_SKIP_PINS", "imds,dsn")
-    assert rig.main() == 2
+    assert rig.main(config=rig.config(test=True)) == 2
     assert rig.netlink.calls == []
 
 
