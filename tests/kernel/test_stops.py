@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.kernel import world as lab
-from tests.kernel.test_payload_kernel import BUNDLE, DEFAULT, bundle, w  # noqa: F401 (fixtures)
+from tests.kernel.conftest import both_payloads
 from tests.kernel.world import World
 
 pytestmark = pytest.mark.root
 
-both_payloads = pytest.mark.parametrize("w", [DEFAULT, BUNDLE], indirect=True)
 # A stop must reach the restore within a second; the rest is the restore and the interpreter's exit.
 STOP_LATENCY_LIMIT = 1.5
 
