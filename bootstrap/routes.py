@@ -7,7 +7,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 from bootstrap.errors import ConfigError, TransientError
 
@@ -33,6 +33,8 @@ LINK_LOCAL_PINS = {
 }
 PIN_NAMES = ("imds", "dns", "time", "vpc")
 UNSUPPORTED_ATTRIBUTES = ("RTA_MULTIPATH", "RTA_NH_ID", "RTA_ENCAP", "RTA_VIA")
+# A route metric's value: a number, except RTAX_CC_ALGO (`congctl cubic`), which the kernel gives by name.
+MetricValue = Union[int, str]
 
 
 class RouteError(TransientError):
@@ -53,7 +55,7 @@ class Route:
     table: int = MAIN_TABLE
     type: int = RTN_UNICAST
     flags: int = 0
-    metrics: tuple[tuple[str, int], ...] = field(default=())
+    metrics: tuple[tuple[str, MetricValue], ...] = field(default=())
     # Attributes this payload cannot write back (multipath next hops, nexthop objects, encapsulation):
     # such a route is never replaced, because it could not be restored exactly.
     unsupported: tuple[str, ...] = field(default=())
@@ -73,9 +75,14 @@ class Route:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Route:
         values = dict(data)
-        values["metrics"] = tuple((str(name), int(value)) for name, value in values.get("metrics", ()))
+        values["metrics"] = tuple((str(name), _metric(value)) for name, value in values.get("metrics", ()))
         values["unsupported"] = tuple(str(name) for name in values.get("unsupported", ()))
         return cls(**values)
+
+
+def _metric(value: Any) -> MetricValue:
+    """A metric as journaled and compared: the congestion control by name, every other one a number."""
+    return value if isinstance(value, str) else int(value)
 
 
 class Netlink(Protocol):
@@ -120,7 +127,7 @@ class PyRoute2Netlink:
                     table=msg.get("RTA_TABLE") or msg["table"],
                     type=msg["type"],
                     flags=msg["flags"] & RTNH_F_ONLINK,
-                    metrics=tuple((str(k), int(v)) for k, v in metrics["attrs"]) if metrics else (),
+                    metrics=tuple((str(k), _metric(v)) for k, v in metrics["attrs"]) if metrics else (),
                     unsupported=tuple(a for a in UNSUPPORTED_ATTRIBUTES if msg.get(a) is not None),
                 )
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 from dataclasses import replace
 
 import pytest
@@ -131,3 +132,15 @@ def test_assert_detour_leaves_a_same_metric_route_that_was_there_before() -> Non
     plan = _detour(nl)
     assert routes.assert_detour(nl, plan) is False
     assert _defaults(nl) == [plan.detour, STATIC_DEFAULT]
+
+
+def test_a_congestion_control_metric_is_journaled_and_restored_by_name() -> None:
+    """`ip route ... congctl cubic`: RTAX_CC_ALGO is a string among the numeric metrics."""
+    default = replace(DHCP_DEFAULT, metrics=(("RTAX_MTU", 1400), ("RTAX_CC_ALGO", "cubic")))
+    nl = FakeNetlink(table=[default, *AL2023_TABLE[1:]])
+    plan = _detour(nl)
+    assert plan.detour.metrics == default.metrics
+    journaled = DetourPlan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert journaled == plan
+    routes.restore(nl, journaled)
+    assert nl.table == [default, *AL2023_TABLE[1:]]

@@ -1,0 +1,35 @@
+"""Route-level faults of the payload (issue 8) against the real kernel: every table exactly as it was."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.kernel import test_payload_kernel as payload_tests
+from tests.kernel import world as lab
+from tests.kernel.world import World
+
+pytestmark = pytest.mark.root
+
+# The same fixtures as the payload's own kernel tests: this checkout, or the shipped bundle under Python 3.9.
+bundle = payload_tests.bundle
+w = payload_tests.w
+both_payloads = payload_tests.both_payloads
+
+
+def _congestion(table: list[dict[str, Any]]) -> list[Any]:
+    return [r.get("metrics") for r in table if r["dst"] == "default"]
+
+
+@both_payloads
+def test_a_congestion_control_metric_comes_back_exactly(w: World) -> None:
+    """RTAX_CC_ALGO is a name, not a number: journaled, detoured and restored as it was."""
+    w.inst.ip("route", "replace", *f"{lab.AL2023_ROUTES[-1]} mtu 1400 congctl cubic".split())
+    before = w.all_routes()
+    assert _congestion(before) == [[{"mtu": 1400, "congestion": "cubic"}]], "congctl refused here"
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    assert w.all_routes() == before
+    assert not w.journal.exists()
+    assert w.holder() == w.ids["self"]
