@@ -319,6 +319,9 @@ def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
       puts it back exactly (and the detour remains meanwhile: never a moment without a default route).
     Other routes (same-metric default routes that existed before the run, a route this run did not
     journal) are someone else's and left alone; one ahead of the detour is logged.
+
+    The pins come first: a DHCP client that flushes and re-adds its routes on a lease renewal takes them
+    away too, and without them IMDS, DNS and time would answer through the NAT.
     """
     detour = plan.detour
     replaced = plan.default_routes[0] if plan.default_routes else None
@@ -326,7 +329,7 @@ def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
     def group() -> list[Route]:
         return [r for r in _defaults(netlink.routes(MAIN_TABLE)) if _same_key(r, detour)]
 
-    changed = False
+    changed = _reassert_pins(netlink, plan)
     if detour not in group():
         # Not present: the replace swaps the group's first route (or adds the detour to an empty group);
         # no EEXIST, since no identical route is in the group.
@@ -340,6 +343,26 @@ def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
     best = _defaults(netlink.routes(MAIN_TABLE))
     if best and best[0] != detour:
         LOG.warning("routes: %s is ahead of the detour and not this run's; left alone", best[0].describe())
+    return changed
+
+
+def _reassert_pins(netlink: Netlink, plan: DetourPlan) -> bool:
+    """Add back the pins of this run that have vanished; True if any was."""
+    table = netlink.routes(MAIN_TABLE)
+    changed = False
+    for pin in plan.pins:
+        if pin in table:
+            continue
+        try:
+            netlink.add(pin)
+        except RouteError as err:
+            if getattr(err.__cause__, "code", None) != errno.EEXIST:
+                raise
+            # A route of the same key took its place (the DHCP client's own): theirs, left alone.
+            LOG.warning("routes: pin %s vanished and another route took its place; left alone", pin.dst)
+            continue
+        LOG.warning("routes: pin %s had vanished during the detour; added back", pin.describe())
+        changed = True
     return changed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -33,3 +34,26 @@ def test_a_congestion_control_metric_comes_back_exactly(w: World) -> None:
     assert w.all_routes() == before
     assert not w.journal.exists()
     assert w.holder() == w.ids["self"]
+
+
+def test_a_pin_flushed_during_the_detour_is_put_back_and_removed_by_the_restore(w: World) -> None:
+    """A lease renewal may flush routes: the next call's re-assertion adds the pin back."""
+    before = w.all_routes()
+    time_pin = f"169.254.169.123 via {lab.ROUTER} dev {lab.IFNAME}"
+    w.pause_api()
+    proc = w.start_payload(w.config())
+    try:
+        w.wait_for_detour()
+        # Past the identity guard and the first call's re-assertion: that call waits on the paused API.
+        time.sleep(1.0)
+        w.inst.ip("route", "del", *time_pin.split())
+        w.inst.ip("route", "del", lab.VPC_CIDR)
+        assert not [r for r in w.routes() if r["dst"] in ("169.254.169.123", lab.VPC_CIDR)]
+    finally:
+        w.resume_api()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "pin 169.254.169.123/32 via 10.0.0.1" in err and "added back" in err
+    assert f"pin {lab.VPC_CIDR} via" in err
+    assert w.all_routes() == before
+    assert not w.journal.exists()

@@ -144,3 +144,27 @@ def test_a_congestion_control_metric_is_journaled_and_restored_by_name() -> None
     assert journaled == plan
     routes.restore(nl, journaled)
     assert nl.table == [default, *AL2023_TABLE[1:]]
+
+
+def test_assert_detour_adds_back_a_pin_that_vanished_and_the_restore_removes_it() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    imds_pin = next(p for p in plan.pins if p.dst == "169.254.169.254/32")
+    nl.delete(imds_pin)  # a DHCP client flushing its routes on a lease renewal
+    assert routes.assert_detour(nl, plan) is True
+    assert imds_pin in nl.table
+    assert routes.assert_detour(nl, plan) is False
+    routes.restore(nl, plan)
+    assert nl.table == AL2023_TABLE
+
+
+def test_assert_detour_leaves_a_route_that_took_a_vanished_pins_place() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    pin = plan.pins[0]
+    theirs = replace(pin, proto=16)  # same key (dst, metric 0): the kernel refuses ours (EEXIST)
+    nl.delete(pin)
+    nl.add(theirs)
+    assert routes.assert_detour(nl, plan) is False
+    routes.restore(nl, plan)
+    assert nl.table == [*AL2023_TABLE, theirs]
