@@ -209,6 +209,8 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         _check_journal(deps.journal)
         with deps.netlink() as netlink:
             recover(netlink, deps.journal)
+    with deps.netlink() as netlink:
+        routes.repair_leftover_detour(netlink, nats=config.nat_by_subnet.values())
     identity = deps.imds.identity()
     LOG.info(
         "imds: instance %s in %s (%s), VPC %s, public IPv4 %s",

@@ -100,6 +100,10 @@ class Netlink(Protocol):
 
     def delete(self, route: Route) -> bool: ...
 
+    def addresses(self, ifindex: int) -> list[str]:
+        """The interface's IPv4 addresses as address/prefix length, primary first."""
+        ...
+
 
 class PyRoute2Netlink:
     """Netlink through pyroute2's IPRoute in the current network namespace."""
@@ -132,6 +136,10 @@ class PyRoute2Netlink:
                 )
             )
         return result
+
+    def addresses(self, ifindex: int) -> list[str]:
+        found = self._ipr.get_addr(family=AF_INET, index=ifindex)
+        return [f"{m.get('IFA_LOCAL') or m.get('IFA_ADDRESS')}/{m['prefixlen']}" for m in found]
 
     def _spec(self, route: Route) -> dict[str, Any]:
         spec: dict[str, Any] = {
@@ -262,6 +270,11 @@ def plan_detour(
     kept = tuple(dst for dst in unique if dst in existing)
     defaults = _defaults(table)
     for route in defaults:
+        if route.gateway == nat:
+            raise RouteError(
+                f"routes: default route {route.describe()} already goes via the NAT: it is a detour, not "
+                "the original to journal; no change made"
+            )
         if route.unsupported:
             raise RouteError(
                 f"routes: default route {route.describe()} has {', '.join(route.unsupported)}, which this "
@@ -277,6 +290,60 @@ def plan_detour(
     else:
         detour = Route(dst=DEFAULT, gateway=nat, oif=ifindex, proto=RTPROT_STATIC)
     return DetourPlan(ifindex, router, nat, tuple(defaults), detour, pins, kept)
+
+
+def repair_leftover_detour(netlink: Netlink, *, nats: Iterable[str]) -> list[Route]:
+    """Put a default route via a NAT back via the VPC router; return the routes put back.
+
+    With its journal gone (removed, or /run lost), a detour is not recognised as one: the next run would
+    journal it as the original and "restore" it, and the instance's replies to its Elastic IP would leave
+    through the NAT. A default route via a NAT of this configuration is never the instance's own, so it
+    gets the router as gateway, with everything else (protocol, source, metric, route metrics) kept.
+    This runs before IMDS is read (through the NAT, IMDS answers with the NAT's identity), so the router
+    is found from the interface: base + 1 of its subnet that holds the NAT.
+    The table is never without a default route: the NAT route is swapped in place, or the router route
+    is appended before the NAT one is deleted.
+    """
+    nat_addresses = set(nats)
+    repaired: list[Route] = []
+    while True:
+        defaults = _defaults(netlink.routes(MAIN_TABLE))
+        leftover = next((r for r in defaults if r.gateway in nat_addresses), None)
+        if leftover is None:
+            return repaired
+        router = _router_for(netlink, leftover)
+        fixed = replace(leftover, gateway=router)
+        if fixed in repaired:
+            raise RouteError(f"routes: {leftover.describe()} is still there after it was put back")
+        LOG.warning(
+            "routes: %s is a detour via a NAT that no journal accounts for; putting it back via the VPC "
+            "router %s",
+            leftover.describe(),
+            router,
+        )
+        group = [r for r in defaults if _same_key(r, leftover)]
+        if fixed in group:
+            netlink.delete(leftover)
+        elif group[0] == leftover:
+            netlink.replace(fixed)
+        else:
+            # A replace would swap the group's first route, which is not the leftover.
+            netlink.append(fixed)
+            netlink.delete(leftover)
+        repaired.append(fixed)
+
+
+def _router_for(netlink: Netlink, route: Route) -> str:
+    """The VPC router of the subnet that holds the route's gateway, on the route's interface."""
+    gateway = ipaddress.IPv4Address(route.gateway)
+    for address in netlink.addresses(route.oif) if route.oif is not None else []:
+        network = ipaddress.IPv4Interface(address).network
+        if gateway in network:
+            return vpc_router(str(network))
+    raise RouteError(
+        f"routes: {route.describe()} goes via a NAT, but no address of its interface is in the NAT's "
+        "subnet, so the VPC router to put it back on is unknown; no change made"
+    )
 
 
 def apply_pins(netlink: Netlink, plan: DetourPlan) -> DetourPlan:
@@ -307,7 +374,7 @@ def _via_nat(route: Route, plan: DetourPlan) -> bool:
 
 
 def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
-    """Put the detour (back) in place; True if it had to be changed (a DHCP client re-added its route).
+    """Put the detour and the pins (back) in place; True if anything had to be (a lease renewal's work).
 
     The kernel keeps routes of one (dst, metric) in an ordered group and uses the first; for default
     routes it may also move on to a later one of the same metric when the first gateway's neighbour

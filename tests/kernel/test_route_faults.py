@@ -57,3 +57,17 @@ def test_a_pin_flushed_during_the_detour_is_put_back_and_removed_by_the_restore(
     assert f"pin {lab.VPC_CIDR} via" in err
     assert w.all_routes() == before
     assert not w.journal.exists()
+
+
+@payload_tests.both_payloads
+def test_a_leftover_detour_without_a_journal_is_put_back_via_the_router(w: World) -> None:
+    """The journal is gone (removed, or /run lost) but the detour stayed: it is not the original."""
+    before = w.all_routes()
+    leftover = lab.AL2023_ROUTES[-1].replace(f"via {lab.ROUTER}", f"via {lab.NAT}")
+    w.inst.ip("route", "replace", *leftover.split())
+    assert [r["gateway"] for r in w.defaults()] == [lab.NAT]
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    assert w.all_routes() == before
+    assert err.count("no journal accounts for") == 1, err
+    assert w.holder() == w.ids["self"]

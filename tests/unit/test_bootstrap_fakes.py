@@ -80,6 +80,7 @@ class FakeNetlink:
     def __init__(self, table: list[Route] | None = None, links: dict[str, int] | None = None) -> None:
         self.table = list(AL2023_TABLE if table is None else table)
         self.links = {MAC: IFINDEX} if links is None else links
+        self.interface_addresses: dict[int, list[str]] = {IFINDEX: ["10.0.0.10/24"]}
         self.calls: list[tuple[str, Route]] = []
         self.fail_on: dict[str, int] = {}
         self.on_change: Callable[[str, Route], None] = lambda command, route: None
@@ -89,6 +90,9 @@ class FakeNetlink:
 
     def routes(self, table: int) -> list[Route]:
         return [r for r in self.table if r.table == table]
+
+    def addresses(self, ifindex: int) -> list[str]:
+        return list(self.interface_addresses.get(ifindex, []))
 
     def _record(self, command: str, route: Route) -> None:
         self.calls.append((command, route))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bootstrap.routes import Route
-from tests.unit.test_bootstrap_fakes import AL2023_TABLE, Rig, client_error
+from tests.unit.test_bootstrap_fakes import AL2023_TABLE, EIP, SELF, FakeEc2, Rig, client_error
 
 
 @pytest.fixture
@@ -34,3 +35,29 @@ def test_a_pin_flushed_mid_detour_is_back_before_the_next_call(rig: Rig) -> None
     # Flushed during the first (throttled) call; every later call had the pin again.
     assert seen[0] and all(seen[1:]) and len(seen) > 2
     assert rig.netlink.table == AL2023_TABLE
+
+
+LEFTOVER = replace(AL2023_TABLE[0], gateway="10.0.0.4")
+
+
+def test_a_leftover_detour_without_a_journal_is_put_back_via_the_router(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.netlink.table = [LEFTOVER, *AL2023_TABLE[1:]]
+    assert rig.main() == 0
+    assert rig.netlink.table == AL2023_TABLE
+    assert rig.ec2.address["InstanceId"] == SELF
+    err = capsys.readouterr().err
+    assert err.count("no journal accounts for") == 1, err
+
+
+def test_a_leftover_detour_is_put_back_on_the_already_held_path_too(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.ec2 = FakeEc2(holder=SELF)
+    rig.imds.identity_value = replace(rig.imds.identity_value, public_ipv4=EIP)
+    rig.netlink.table = [LEFTOVER, *AL2023_TABLE[1:]]
+    assert rig.main() == 0
+    assert rig.netlink.table == AL2023_TABLE
+    assert rig.ec2.calls == ["DescribeAddresses"]
+    assert "no journal accounts for" in capsys.readouterr().err

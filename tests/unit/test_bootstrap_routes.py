@@ -168,3 +168,63 @@ def test_assert_detour_leaves_a_route_that_took_a_vanished_pins_place() -> None:
     assert routes.assert_detour(nl, plan) is False
     routes.restore(nl, plan)
     assert nl.table == [*AL2023_TABLE, theirs]
+
+
+NATS = ("10.0.0.4", "10.0.1.4")
+LEFTOVER = replace(DHCP_DEFAULT, gateway=NAT, metrics=(("RTAX_MTU", 9001),))
+
+
+def _repair(nl: FakeNetlink) -> list[Route]:
+    return routes.repair_leftover_detour(nl, nats=NATS)
+
+
+def _never_without_a_default_route(nl: FakeNetlink) -> None:
+    def check(command: str, route: Route) -> None:
+        if command == "delete" and route.dst == "0.0.0.0/0":
+            assert len(_defaults(nl)) > 1, "the last default route deleted"
+
+    nl.on_change = check
+
+
+def test_a_leftover_detour_is_swapped_back_to_the_router_in_place(caplog: pytest.LogCaptureFixture) -> None:
+    nl = FakeNetlink(table=[LEFTOVER, *AL2023_TABLE[1:]])
+    _never_without_a_default_route(nl)
+    fixed = replace(LEFTOVER, gateway="10.0.0.1")
+    assert _repair(nl) == [fixed]
+    assert nl.table == [fixed, *AL2023_TABLE[1:]]
+    assert [c for c, _ in nl.calls] == ["replace"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and LEFTOVER.describe() in warnings[0]
+    nl.calls.clear()
+    assert _repair(nl) == []
+    assert nl.calls == []
+
+
+def test_a_leftover_behind_a_same_metric_route_is_appended_back_not_swapped() -> None:
+    nl = FakeNetlink(table=[STATIC_DEFAULT, LEFTOVER, *AL2023_TABLE[1:]])
+    _never_without_a_default_route(nl)
+    _repair(nl)
+    assert _defaults(nl) == [STATIC_DEFAULT, replace(LEFTOVER, gateway="10.0.0.1")]
+
+
+def test_a_leftover_beside_its_original_is_deleted() -> None:
+    nl = FakeNetlink(table=[LEFTOVER, replace(LEFTOVER, gateway="10.0.0.1"), *AL2023_TABLE[1:]])
+    _never_without_a_default_route(nl)
+    _repair(nl)
+    assert _defaults(nl) == [replace(LEFTOVER, gateway="10.0.0.1")]
+    assert [c for c, _ in nl.calls] == ["delete"]
+
+
+def test_a_default_route_via_a_nat_is_never_journaled_as_the_original() -> None:
+    nl = FakeNetlink(table=[LEFTOVER, *AL2023_TABLE[1:]])
+    with pytest.raises(RouteError, match="already goes via the NAT"):
+        routes.plan_detour(nl, mac=MAC, subnet_cidr="10.0.0.0/24", vpc_cidrs=["10.0.0.0/16"], nat=NAT)
+    assert nl.calls == []
+
+
+def test_a_leftover_whose_router_cannot_be_told_is_left_alone_with_one_line() -> None:
+    nl = FakeNetlink(table=[LEFTOVER, *AL2023_TABLE[1:]])
+    nl.interface_addresses = {}
+    with pytest.raises(RouteError, match="VPC router to put it back on is unknown"):
+        _repair(nl)
+    assert nl.calls == []
