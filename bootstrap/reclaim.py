@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -129,8 +131,14 @@ def _detour_and_claim(
     creds: Optional[Credentials],
     abandon: Callable[[], None],
 ) -> Outcome:
+    api = _api_address(config)
     with deps.netlink() as netlink:
         plan = _plan(deps, netlink, identity, nat)
+
+        def check_path() -> None:
+            src = routes.source_address(netlink, plan)
+            routes.check_path(netlink, dst=api, src=src, expected_gateway=nat, ifindex=plan.ifindex)
+
         try:
             # Inside the try: an interrupt right after the write still restores (a no-op then) and
             # removes the journal; the first route change comes only after the write.
@@ -151,10 +159,12 @@ def _detour_and_claim(
             netlink.replace(plan.detour)
             LOG.info("routes: default route now via NAT %s (metric %d)", nat, plan.detour.priority)
             _guard_identity(deps.imds, identity.instance_id)
+            check_path()
 
             def before_attempt() -> None:
                 if routes.assert_detour(netlink, plan):
                     LOG.warning("routes: default route was changed under the detour; detour re-asserted")
+                    check_path()
 
             try:
                 ec2 = _ec2_client(deps, config, creds)
@@ -173,6 +183,17 @@ def _detour_and_claim(
         finally:
             restore_and_forget(netlink, plan, deps.journal, deps.interrupts)
             LOG.info("routes: restored as journaled; journal removed")
+
+
+def _api_address(config: Config) -> str:
+    """The EC2 endpoint's IPv4 address, resolved before the detour, for the path check."""
+    host = urllib.parse.urlsplit(config.ec2_endpoint_url).hostname if config.ec2_endpoint_url else None
+    host = host or f"ec2.{config.region}.amazonaws.com"
+    try:
+        found = socket.getaddrinfo(host, 443, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as err:
+        raise TransientError(f"dns: cannot resolve the EC2 endpoint {host}: {err}") from None
+    return str(found[0][4][0])
 
 
 def _close_connections(client: object) -> None:

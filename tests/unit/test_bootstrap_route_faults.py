@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap.routes import Route
-from tests.unit.test_bootstrap_fakes import AL2023_TABLE, EIP, SELF, FakeEc2, Rig, client_error
+from bootstrap.routes import Route, Rule
+from tests.unit.test_bootstrap_fakes import AL2023_TABLE, EIP, IFINDEX, SELF, FakeEc2, Rig, client_error
 
 
 @pytest.fixture
@@ -61,3 +61,32 @@ def test_a_leftover_detour_is_put_back_on_the_already_held_path_too(
     assert rig.netlink.table == AL2023_TABLE
     assert rig.ec2.calls == ["DescribeAddresses"]
     assert "no journal accounts for" in capsys.readouterr().err
+
+
+def test_a_source_rule_ahead_of_main_stops_the_run_before_the_first_call(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """amazon-ec2-net-utils' per-interface rule: the API connection would leave via the router."""
+    rig.netlink.rule_list.append(Rule(10000, 10000, src="10.0.0.10/32"))
+    theirs = Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=IFINDEX, table=10000)
+    rig.netlink.table.append(theirs)
+    rules_before = rig.netlink.rules()
+    assert rig.main() == 75
+    assert rig.ec2.calls == []
+    assert rig.clock.slept == []
+    assert rig.netlink.table == [*AL2023_TABLE, theirs]
+    assert rig.netlink.rules() == rules_before
+    err = capsys.readouterr().err
+    assert "would leave via 10.0.0.1 (rule 10000: from 10.0.0.10 lookup 10000; route 0.0.0.0/0" in err
+
+
+def test_a_bypass_that_appears_with_a_lease_renewal_is_caught_before_the_next_call(rig: Rig) -> None:
+    def renew(op: str) -> None:
+        if op == "DescribeInstances":
+            rig.netlink.replace(AL2023_TABLE[0])
+            rig.netlink.table.append(Route(dst="128.0.0.0/1", gateway="10.0.0.1", oif=IFINDEX))
+
+    rig.ec2.before_call = renew
+    assert rig.main() == 75
+    assert rig.ec2.calls == ["DescribeAddresses", "DescribeInstances"]
+    assert rig.netlink.table == [*AL2023_TABLE, Route(dst="128.0.0.0/1", gateway="10.0.0.1", oif=IFINDEX)]

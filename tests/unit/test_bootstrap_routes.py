@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from bootstrap import routes
-from bootstrap.routes import DetourPlan, Route, RouteError
+from bootstrap.routes import DetourPlan, Route, RouteError, Rule
 from tests.unit.test_bootstrap_fakes import AL2023_TABLE, DHCP_DEFAULT, MAC, FakeNetlink, route_failure
 
 NAT = "10.0.0.4"
@@ -228,3 +228,59 @@ def test_a_leftover_whose_router_cannot_be_told_is_left_alone_with_one_line() ->
     with pytest.raises(RouteError, match="VPC router to put it back on is unknown"):
         _repair(nl)
     assert nl.calls == []
+
+
+API = "203.0.113.10"
+SOURCE_RULE = Rule(10000, 10000, src="10.0.0.10/32")
+TABLE_10000 = replace(STATIC_DEFAULT, priority=0, table=10000)
+
+
+def _check(nl: FakeNetlink, mark: int | None = None) -> None:
+    routes.check_path(nl, dst=API, src="10.0.0.10", mark=mark, expected_gateway=NAT, ifindex=DHCP_DEFAULT.oif)
+
+
+def test_the_path_check_passes_when_the_detour_carries_the_connection() -> None:
+    nl = FakeNetlink()
+    plan = _detour(nl)
+    assert routes.source_address(nl, plan) == "10.0.0.10"
+    _check(nl)
+
+
+def test_a_source_rule_ahead_of_main_is_named_when_it_bypasses_the_detour() -> None:
+    nl = FakeNetlink()
+    _detour(nl)
+    nl.rule_list.append(SOURCE_RULE)
+    nl.table.append(TABLE_10000)
+    with pytest.raises(routes.DetourBypassed) as caught:
+        _check(nl)
+    assert str(caught.value) == (
+        f"routes: the API connection to {API} would leave via 10.0.0.1 (rule 10000: from 10.0.0.10 lookup "
+        f"10000; route {TABLE_10000.describe()} table 10000), not the NAT {NAT}; restoring"
+    )
+
+
+def test_more_specific_routes_in_main_are_named_when_they_bypass_the_detour() -> None:
+    nl = FakeNetlink()
+    _detour(nl)
+    halves = [replace(STATIC_DEFAULT, dst=dst, priority=0) for dst in ("0.0.0.0/1", "128.0.0.0/1")]
+    nl.table += halves
+    with pytest.raises(
+        routes.DetourBypassed, match=r"rule 32766: from all lookup main; route 128\.0\.0\.0/1 via"
+    ):
+        _check(nl)
+
+
+def test_a_mark_rule_is_followed_only_for_marked_connections() -> None:
+    nl = FakeNetlink()
+    _detour(nl)
+    nl.rule_list.append(Rule(100, 200, fwmark=0x5))
+    nl.table.append(replace(STATIC_DEFAULT, table=200))
+    _check(nl)
+    with pytest.raises(routes.DetourBypassed, match="rule 100: from all fwmark 0x5 lookup 200"):
+        _check(nl, mark=0x5)
+
+
+def test_no_route_at_all_is_a_bypass_too() -> None:
+    nl = FakeNetlink(table=[])
+    with pytest.raises(routes.DetourBypassed, match="has no route"):
+        _check(nl)
