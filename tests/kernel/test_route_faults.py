@@ -181,3 +181,32 @@ def test_route_get_and_rules_of_the_fake_agree_with_the_kernel() -> None:
     tables = [row[5] for row in real["paths"]]
     assert tables == [254, 10000, 200, 10000, 200, 254], real["paths"]
     assert fake == real
+
+
+@pytest.mark.parametrize("shape", ["beside-the-original", "behind-another-route"])
+def test_a_leftover_detour_in_a_group_is_put_back_without_emptying_it(w: World, shape: str) -> None:
+    """The kernel refuses a replace identical to a route behind the group's first, and a replace would
+    swap the first route, not the leftover: delete (beside its original) or append-then-delete (behind)."""
+    original = lab.AL2023_ROUTES[-1]
+    leftover = original.replace(f"via {lab.ROUTER}", f"via {lab.NAT}")
+    if shape == "beside-the-original":
+        before = w.all_routes()
+        w.inst.ip("route", "replace", *leftover.split())
+        w.inst.ip("route", "append", *original.split())
+        assert [r["gateway"] for r in w.defaults()] == [lab.NAT, lab.ROUTER]
+    else:
+        static = f"default via {lab.ROUTER} dev {lab.IFNAME} proto static metric 512"
+        w.inst.ip("route", "del", *original.split())
+        w.inst.ip("route", "append", *static.split())
+        w.inst.ip("route", "append", *original.split())
+        before = w.all_routes()
+        w.inst.ip("route", "del", *original.split())
+        w.inst.ip("route", "append", *leftover.split())
+        assert [(r["gateway"], r["protocol"]) for r in w.defaults()] == [
+            (lab.ROUTER, "static"),
+            (lab.NAT, "dhcp"),
+        ]
+    code, _, err = w.run_payload(w.config())
+    assert code == 0, err
+    assert w.all_routes() == before
+    assert err.count("no journal accounts for") == 1, err
