@@ -10,16 +10,13 @@ from typing import Any
 import pytest
 
 from tests import netns
-from tests.kernel import test_payload_kernel as payload_tests
 from tests.kernel import world as lab
+from tests.kernel.conftest import both_payloads
 from tests.kernel.world import World
 
 pytestmark = pytest.mark.root
 
 # The same fixtures as the payload's own kernel tests: this checkout, or the shipped bundle under Python 3.9.
-bundle = payload_tests.bundle
-w = payload_tests.w
-both_payloads = payload_tests.both_payloads
 
 
 def _congestion(table: list[dict[str, Any]]) -> list[Any]:
@@ -62,7 +59,7 @@ def test_a_pin_flushed_during_the_detour_is_put_back_and_removed_by_the_restore(
     assert not w.journal.exists()
 
 
-@payload_tests.both_payloads
+@both_payloads
 def test_a_leftover_detour_without_a_journal_is_put_back_via_the_router(w: World) -> None:
     """The journal is gone (removed, or /run lost) but the detour stayed: it is not the original."""
     before = w.all_routes()
@@ -101,7 +98,7 @@ def _bypassed_quickly(w: World) -> str:
     return err
 
 
-@payload_tests.both_payloads
+@both_payloads
 def test_a_source_rule_ahead_of_main_stops_the_run_at_once_naming_it(w: World) -> None:
     """amazon-ec2-net-utils (and operators) send the primary address's traffic to a table of its own."""
     w.inst.ip("rule", "add", *SOURCE_RULE.split())
@@ -114,7 +111,7 @@ def test_a_source_rule_ahead_of_main_stops_the_run_at_once_naming_it(w: World) -
     assert f"not the NAT {lab.NAT}; restoring" in err
 
 
-@payload_tests.both_payloads
+@both_payloads
 def test_vpn_style_half_routes_stop_the_run_at_once_naming_the_route(w: World) -> None:
     for half in ("0.0.0.0/1", "128.0.0.0/1"):
         w.inst.ip("route", "add", half, "via", lab.ROUTER, "dev", lab.IFNAME)
