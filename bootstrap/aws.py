@@ -86,6 +86,8 @@ class ClientFactory:
         credentials: Optional[Credentials],
         connect_timeout: float,
         read_timeout: float,
+        *,
+        dualstack: bool = False,
     ) -> Any:
         from botocore.config import Config  # noqa: PLC0415
 
@@ -95,6 +97,8 @@ class ClientFactory:
             # Our own loop retries, with the deadline and the detour check in view.
             retries={"total_max_attempts": 1, "mode": "standard"},
             user_agent_extra="eip-reclaim",
+            # botocore's own dual-stack endpoint (egress direct in an IPv6 network), not a typed name.
+            use_dualstack_endpoint=dualstack or None,
         )
         kwargs: dict[str, Any] = {}
         if credentials is not None:
@@ -108,9 +112,16 @@ class ClientFactory:
             service, region_name=self._region, endpoint_url=endpoint_url, config=config, **kwargs
         )
 
-    def ec2(self, endpoint_url: Optional[str], credentials: Optional[Credentials]) -> EC2Client:
+    def ec2(
+        self, endpoint_url: Optional[str], credentials: Optional[Credentials], *, dualstack: bool = False
+    ) -> EC2Client:
         client: EC2Client = self._client(
-            "ec2", endpoint_url, credentials, CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS
+            "ec2",
+            endpoint_url,
+            credentials,
+            CONNECT_TIMEOUT_SECONDS,
+            READ_TIMEOUT_SECONDS,
+            dualstack=dualstack,
         )
         return client
 

@@ -6,7 +6,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from bootstrap.errors import ConfigError
@@ -30,7 +30,10 @@ _REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]+")
 _URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 _HOOK_NAME = re.compile(r"[A-Za-z0-9\-_/.@:]{1,255}")
 
-_REQUIRED = ("version", "region", "allocation_id", "nat_by_subnet")
+_REQUIRED = ("version", "region", "allocation_id")
+# The egress strategies (bootstrap/egress): the first is the default; the first two go through a NAT.
+EGRESS_KINDS = ("policy-route", "main-table", "direct")
+NAT_EGRESS = ("policy-route", "main-table")
 _ENDPOINT_KEYS = (
     "ec2_endpoint_url",
     "autoscaling_endpoint_url",
@@ -45,6 +48,9 @@ _OPTIONAL = (
     "signal",
     "metrics",
     "test",
+    "nat_by_subnet",
+    "egress",
+    "dualstack",
 )
 _STACK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,127}")
 _LOGICAL_ID = re.compile(r"[A-Za-z0-9]{1,255}")
@@ -84,7 +90,7 @@ class Config:
     version: int
     region: str
     allocation_id: str
-    nat_by_subnet: Mapping[str, str]
+    nat_by_subnet: Mapping[str, str] = field(default_factory=dict)
     lifecycle_hook: Optional[LifecycleHook] = None
     deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
     ec2_endpoint_url: Optional[str] = None
@@ -96,6 +102,9 @@ class Config:
     metrics: Optional[Metrics] = None
     # A test run (the VPC lab, the kernel tests): plain-HTTP endpoints and the test switches are allowed.
     test: bool = False
+    egress: str = "policy-route"
+    # With egress direct: EC2's dual-stack endpoint (an IPv6-only way out).
+    dualstack: bool = False
 
     def nat_for(self, subnet_id: str) -> str:
         """The NAT address of `subnet_id`, or a configuration error (no route is touched before this)."""
@@ -227,9 +236,17 @@ def parse_config(data: Any) -> Config:
         raise _fail("version", f"expected an integer, got {type(version).__name__}")
     if version != SUPPORTED_VERSION:
         raise _fail("version", f"{version} is not supported (this payload reads version {SUPPORTED_VERSION})")
-    test = data.get("test", False)
-    if not isinstance(test, bool):
-        raise _fail("test", f"expected true or false, got {type(test).__name__}")
+    test, dualstack = (
+        _boolean("test", data.get("test", False)),
+        _boolean("dualstack", data.get("dualstack", False)),
+    )
+    egress = data.get("egress", EGRESS_KINDS[0])
+    if egress not in EGRESS_KINDS:
+        raise _fail("egress", f"{egress!r} is not one of {', '.join(EGRESS_KINDS)}")
+    if egress in NAT_EGRESS and "nat_by_subnet" not in data:
+        raise _fail("nat_by_subnet", f"required key is missing (egress {egress} goes through a NAT)")
+    if dualstack and egress != "direct":
+        raise _fail("dualstack", f"applies to egress direct only, not {egress}")
     endpoints = {key: _endpoint(key, data.get(key), test=test) for key in _ENDPOINT_KEYS}
     hook, signal, metrics = data.get("lifecycle_hook"), data.get("signal"), data.get("metrics")
     return Config(
@@ -241,7 +258,9 @@ def parse_config(data: Any) -> Config:
             _ALLOCATION_ID,
             "an allocation ID (eipalloc- and hex digits)",
         ),
-        nat_by_subnet=_nat_map(data["nat_by_subnet"]),
+        nat_by_subnet=_nat_map(data["nat_by_subnet"]) if "nat_by_subnet" in data else {},
+        egress=egress,
+        dualstack=dualstack,
         lifecycle_hook=None if hook is None else _hook(hook),
         deadline_seconds=_deadline(data.get("deadline_seconds", DEFAULT_DEADLINE_SECONDS)),
         imds_url=_string("imds_url", data.get("imds_url", DEFAULT_IMDS_URL), _URL, "an http(s) URL").rstrip(
@@ -252,6 +271,12 @@ def parse_config(data: Any) -> Config:
         test=test,
         **endpoints,
     )
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, f"expected true or false, got {type(value).__name__}")
+    return value
 
 
 def _endpoint(key: str, value: Any, *, test: bool) -> Optional[str]:

@@ -1,4 +1,4 @@
-"""One run: recover, read IMDS, detour via the NAT, claim the Elastic IP, restore, complete the lifecycle."""
+"""One run: recover, read IMDS, open the egress, claim the Elastic IP, report, undo the egress."""
 
 from __future__ import annotations
 
@@ -11,21 +11,15 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Protocol, TextIO, TypeVar
 
-from bootstrap import routes
+from bootstrap import egress, routes
 from bootstrap.clock import Clock, Deadline
 from bootstrap.config import Config
-from bootstrap.errors import (
-    EXIT_OK,
-    EXIT_TEMPFAIL,
-    IdentityMismatch,
-    ReclaimError,
-    Terminated,
-    TransientError,
-)
+from bootstrap.egress.direct import Direct
+from bootstrap.errors import EXIT_OK, EXIT_TEMPFAIL, ReclaimError, Terminated, TransientError
 from bootstrap.imds import Credentials, Identity, Imds, ImdsError
 from bootstrap.interrupts import INTERRUPTS, Interrupts
 from bootstrap.report import Reporter
-from bootstrap.routes import DetourPlan, Netlink
+from bootstrap.routes import Netlink
 from bootstrap.state import Journal, Marks, remove_stray_temporaries
 
 if TYPE_CHECKING:
@@ -44,7 +38,9 @@ _C = TypeVar("_C")
 class Clients(Protocol):
     """What the run needs to make API clients (the real one is `aws.ClientFactory`)."""
 
-    def ec2(self, endpoint_url: Optional[str], credentials: Optional[Credentials]) -> EC2Client: ...
+    def ec2(
+        self, endpoint_url: Optional[str], credentials: Optional[Credentials], *, dualstack: bool = False
+    ) -> EC2Client: ...
 
     def autoscaling(
         self, endpoint_url: Optional[str], credentials: Optional[Credentials]
@@ -71,53 +67,6 @@ class Deps:
     interrupts: Interrupts = field(default_factory=lambda: INTERRUPTS)
     skip_pins: frozenset[str] = frozenset()
     rng: random.Random = field(default_factory=random.Random)
-
-
-def recover(netlink: Netlink, journal: Journal) -> bool:
-    """Restore a detour an interrupted (killed) run left behind; True if there was one."""
-    document = journal.read()
-    if document is None:
-        return False
-    plan = DetourPlan.from_json(document["plan"])
-    LOG.warning(
-        "recover: a previous run left a detour via %s (journal %s); restoring it first",
-        plan.nat,
-        journal.path,
-    )
-    routes.restore(netlink, plan)
-    journal.delete()
-    LOG.info("recover: routes restored as journaled")
-    return True
-
-
-def restore_and_forget(netlink: Netlink, plan: DetourPlan, journal: Journal, interrupts: Interrupts) -> None:
-    """Put the routes back and delete the journal; signals from here on are only logged."""
-    interrupts.disarm()
-    try:
-        routes.restore(netlink, plan)
-    except routes.RouteError as err:
-        LOG.error("restore: %s; journal kept at %s for the next run", err, journal.path)
-        raise
-    try:
-        journal.delete()
-    except OSError as err:
-        # The routes are as journaled: a journal left behind only makes the next run's recovery a no-op.
-        LOG.warning(
-            "journal: cannot remove %s: %s; the next run finds the routes already restored", journal.path, err
-        )
-
-
-def _check_journal(journal: Journal) -> None:
-    """A journal of the right version whose plan this payload cannot read: exit 75, kept for an operator."""
-    document = journal.read()
-    if document is None:
-        return
-    try:
-        DetourPlan.from_json(document["plan"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise TransientError(
-            f"journal: {journal.path}: malformed plan ({type(err).__name__}: {err}); inspect and remove it"
-        ) from None
 
 
 def _skip_warning(skip: frozenset[str]) -> None:
@@ -193,12 +142,20 @@ class _Run:
             LOG.warning("imds: role credentials not served yet (%s); asking again", reason)
             self.deadline.sleep(CREDENTIALS_BACKOFF_SECONDS, "waiting for the role's credentials")
 
-    def claim(self, before: Callable[[], None]) -> Outcome:
+    def claim(self, way: egress.Egress) -> Outcome:
         from bootstrap.claim import Retrier, claim  # noqa: PLC0415 (botocore loads on a background thread)
 
-        ec2 = _api_client("ec2", lambda: self.deps.clients.ec2(self.config.ec2_endpoint_url, self.creds))
+        # Reports made while the egress is in place take the same way out.
+        self.reporter.adopt = way.adopt
+        ec2 = _api_client(
+            "ec2",
+            lambda: self.deps.clients.ec2(
+                self.config.ec2_endpoint_url, self.creds, dualstack=self.config.dualstack
+            ),
+        )
         try:
-            retrier = Retrier(self.deadline, before, self.deps.rng, uptime=self.deps.clock.uptime)
+            way.adopt(ec2)
+            retrier = Retrier(self.deadline, way.before_call, self.deps.rng, uptime=self.deps.clock.uptime)
             outcome = claim(ec2, self.identity.instance_id, self.config.allocation_id, retrier)
         finally:
             _close_connections(ec2)
@@ -224,74 +181,45 @@ class _Run:
         self.reporter.failed(where=where)
 
 
-def _plan(deps: Deps, netlink: Netlink, identity: Identity, nat: str) -> DetourPlan:
-    """The detour for this instance's interface and subnet: the same for a run and a dry run."""
-    return routes.plan_detour(
-        netlink,
-        mac=identity.mac,
-        subnet_cidr=identity.subnet_cidr,
-        vpc_cidrs=identity.vpc_cidrs,
-        nat=nat,
-        skip_pins=deps.skip_pins,
-    )
-
-
-def _detour_and_claim(run: _Run, nat: str) -> tuple[Outcome, bool]:
-    """Detour, claim and report through the detour, restore; (outcome, everything reported)."""
-    deps, identity = run.deps, run.identity
-    api = _api_address(run.config)
+def _claim_through(run: _Run, nat: str) -> tuple[Outcome, bool]:
+    """Open the egress via the NAT, claim and report through it, undo it; (outcome, all reported)."""
+    deps, config = run.deps, run.config
+    api = _api_address(config)
     with deps.netlink() as netlink:
-        plan = _plan(deps, netlink, identity, nat)
-
-        def check_path() -> None:
-            src = routes.source_address(netlink, plan)
-            routes.check_path(netlink, dst=api, src=src, expected_gateway=nat, ifindex=plan.ifindex)
-
+        context = egress.Context(
+            netlink=netlink,
+            journal=deps.journal,
+            imds=deps.imds,
+            identity=run.identity,
+            nat=nat,
+            api=api,
+            skip_pins=deps.skip_pins,
+        )
+        # Reads the host and decides; a refusal here (no interface, a route it could not put back) has
+        # changed nothing.
+        way = egress.open_egress(config.egress, context)
         try:
-            # Inside the try: an interrupt right after the write still restores (a no-op then) and
-            # removes the journal; the first route change comes only after the write.
-            deps.journal.write({"plan": plan.to_json()})
-            LOG.info(
-                "journal: %d default route(s) recorded in %s", len(plan.default_routes), deps.journal.path
-            )
-            pinned = routes.apply_pins(netlink, plan)
-            if pinned.pins != plan.pins:
-                plan = pinned
-                deps.journal.write({"plan": plan.to_json()})
-            LOG.info(
-                "routes: pinned %s via %s (already routed, left alone: %s)",
-                ", ".join(p.dst for p in plan.pins) or "nothing",
-                plan.router,
-                ", ".join(plan.kept) or "none",
-            )
-            netlink.replace(plan.detour)
-            LOG.info("routes: default route now via NAT %s (metric %d)", nat, plan.detour.priority)
-            _guard_identity(deps.imds, identity.instance_id)
-            check_path()
-
-            def before_attempt() -> None:
-                if routes.assert_detour(netlink, plan):
-                    LOG.warning("routes: default route was changed under the detour; detour re-asserted")
-                    check_path()
-
+            # Inside the try: an interrupt right after the journal write still undoes (a no-op then).
+            way.prepare()
             try:
-                outcome = run.claim(before_attempt)
+                outcome = run.claim(way)
             except ReclaimError as err:
-                # Through the detour, before the restore: without a public IPv4 the instance has no
-                # route to the API afterwards, and the group would wait out the hook's timeout.
+                # Through the egress, before the undo: without a public IPv4 the instance has no way to
+                # the API afterwards, and the group would wait out the hook's timeout.
                 run.fail(err, where="through the detour")
                 raise
-            LOG.info("ec2: %s: %s", run.config.allocation_id, outcome.value)
-            # Through the detour too, before the restore: the Elastic IP's path can take a moment.
+            LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
+            # Through the egress too, before the undo: the Elastic IP's path can take a moment.
             reported = run.reporter.succeeded(until_deadline=False, where="through the detour")
         finally:
-            restore_and_forget(netlink, plan, deps.journal, deps.interrupts)
-            LOG.info("routes: restored as journaled; journal removed")
+            run.reporter.adopt = _nothing
+            deps.interrupts.disarm()
+            way.undo()
     return outcome, reported
 
 
 def _api_address(config: Config) -> str:
-    """The EC2 endpoint's IPv4 address, resolved before the detour, for the path check.
+    """The EC2 endpoint's IPv4 address, resolved before any change, for the path check.
 
     Through the process's bounded resolver (cli installs it): a hung lookup neither holds a stop nor
     outlasts its timeout.
@@ -305,6 +233,10 @@ def _api_address(config: Config) -> str:
     return str(found[0][4][0])
 
 
+def _nothing(client: object) -> None:
+    """An egress that needs nothing of a client."""
+
+
 def _close_connections(client: object) -> None:
     """Close the API connections made through the NAT while the detour still carries them.
 
@@ -316,31 +248,15 @@ def _close_connections(client: object) -> None:
         close()
 
 
-def _guard_identity(imds: Imds, expected: str) -> None:
-    """IMDS must still be this instance's: without the pin, the NAT's IMDS answers (the published bug)."""
-    try:
-        seen = imds.instance_id()
-    except ImdsError as err:
-        raise IdentityMismatch(
-            f"imds: no answer during the detour ({err}); is the 169.254.169.254 pin in place?"
-        ) from None
-    if seen != expected:
-        raise IdentityMismatch(
-            f"imds: instance-id during the detour is {seen}, expected {expected}: "
-            "IMDS is answering through the NAT (169.254.169.254 not pinned); restoring"
-        )
-    LOG.info("imds: still %s during the detour", seen)
-
-
 def run(config: Config, deps: Deps, deadline: Deadline) -> int:
     """The whole run after the lock is held. Raises ReclaimError (with its exit code) on failure."""
     _skip_warning(deps.skip_pins)
     for name in remove_stray_temporaries(deps.journal.directory):
         LOG.info("state: removed %s, left by an interrupted write", name)
     if deps.journal.exists():
-        _check_journal(deps.journal)
+        egress.check_journal(deps.journal)
         with deps.netlink() as netlink:
-            recover(netlink, deps.journal)
+            egress.recover(netlink, deps.journal)
     with deps.netlink() as netlink:
         routes.repair_leftover_detour(netlink, nats=config.nat_by_subnet.values())
     identity = deps.imds.identity()
@@ -353,24 +269,31 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         identity.public_ipv4 or "none",
     )
     state = _Run(config, deps, deadline, identity)
+    nat: Optional[str] = None
     try:
-        nat = config.nat_for(identity.subnet_id)
+        nat = config.nat_for(identity.subnet_id) if config.egress in egress.VIA_NAT else None
         creds = state.credentials()
         LOG.info(
             "imds: %s", "role credentials read" if creds else "no instance role; default credential chain"
         )
-        if identity.public_ipv4:
+        if identity.public_ipv4 or nat is None:
             # A public address means the API is reachable as things are (and if it is the Elastic IP,
-            # DescribeAddresses shows it is ours): no detour, no route change.
-            LOG.info("routes: public IPv4 %s present; no detour needed", identity.public_ipv4)
-            outcome = state.claim(lambda: None)
+            # DescribeAddresses shows it is ours); egress direct reaches it by IPv6 or an endpoint.
+            if identity.public_ipv4:
+                LOG.info("routes: public IPv4 %s present; no detour needed", identity.public_ipv4)
+            else:
+                LOG.info(
+                    "routes: egress direct%s; no route change", " (dual-stack)" if config.dualstack else ""
+                )
+            outcome = state.claim(Direct(dualstack=config.dualstack))
             LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
             reported = False
         else:
-            outcome, reported = _detour_and_claim(state, nat)
+            outcome, reported = _claim_through(state, nat)
     except ReclaimError as err:
         deps.interrupts.disarm()
-        state.fail(err, where="directly" if identity.public_ipv4 else "after the restore")
+        through_nat = nat is not None and not identity.public_ipv4
+        state.fail(err, where="after the restore" if through_nat else "directly")
         raise
     from bootstrap.claim import Outcome  # noqa: PLC0415 (botocore is loaded by now)
 
@@ -408,13 +331,13 @@ def _api_client(what: str, make: Callable[[], _C]) -> _C:
 def dry_run(config: Config, deps: Deps, out: TextIO) -> int:
     """Print what a run would do; change nothing (no lock, no journal, no API call)."""
     identity = deps.imds.identity()
-    nat = config.nat_for(identity.subnet_id)
+    nat = config.nat_for(identity.subnet_id) if config.egress in egress.VIA_NAT else None
     lines = [
         f"instance {identity.instance_id} in {identity.subnet_id} ({identity.subnet_cidr}), "
         f"VPC {', '.join(identity.vpc_cidrs)}, public IPv4 {identity.public_ipv4 or 'none'}",
     ]
     if deps.journal.read() is not None:
-        lines.append(f"would first restore the detour journaled in {deps.journal.path}")
+        lines.append(f"would first undo the changes journaled in {deps.journal.path}")
     calls = [
         f"DescribeAddresses(AllocationIds=[{config.allocation_id}])",
         "DescribeInstances(holder, self) if another instance holds it; yield if the holder is a newer member"
@@ -423,21 +346,26 @@ def dry_run(config: Config, deps: Deps, out: TextIO) -> int:
         " unless already held",
         "DescribeAddresses to verify",
     ]
-    if identity.public_ipv4:
+    if identity.public_ipv4 or nat is None:
         lines.append(f"no detour: public IPv4 {identity.public_ipv4} reaches the API as routed now")
+        if not identity.public_ipv4:
+            lines[-1] = f"egress {config.egress}: " + Direct(dualstack=config.dualstack).plan_lines()[0]
     else:
         with deps.netlink() as netlink:
-            plan = _plan(deps, netlink, identity, nat)
-        lines.append(f"would journal to {deps.journal.path}:")
-        lines += [f"  default route now: {r.describe()}" for r in plan.default_routes] or [
-            "  no default route"
-        ]
-        lines += [f"would add pin: {p.describe()}" for p in plan.pins] or ["would add no pin (all present)"]
-        lines.append(f"would replace the default route by: {plan.detour.describe()}")
-        lines.append(f"would check IMDS still answers as {identity.instance_id}")
+            context = egress.Context(
+                netlink=netlink,
+                journal=deps.journal,
+                imds=deps.imds,
+                identity=identity,
+                nat=nat,
+                api=_api_address(config),
+                skip_pins=deps.skip_pins,
+            )
+            lines.append(f"egress {config.egress}:")
+            lines += egress.open_egress(config.egress, context).plan_lines()
     lines += [f"would call {call}" for call in calls]
-    if not identity.public_ipv4:
-        lines.append("would restore the default route(s) as journaled and remove only the pins added")
+    if not identity.public_ipv4 and nat is not None:
+        lines.append("would undo every change as journaled, on every way the run ends")
     if config.lifecycle_hook:
         hook = config.lifecycle_hook
         lines.append(

@@ -54,6 +54,8 @@ class Reporter:
     rng: random.Random
     # A stop request or the deadline that cut a report short: no report is tried after it.
     stopped: Optional[ReclaimError] = None
+    # What the egress in place does to each new client (policy-route marks its connections).
+    adopt: Callable[[Any], None] = lambda client: None
 
     def lifecycle_pending(self) -> bool:
         return self.config.lifecycle_hook is not None and not self.marks.done(
@@ -236,8 +238,12 @@ class Reporter:
 
     def _client(self, service: str) -> Any:
         credentials = self.credentials()
+        client: Any
         if service == "autoscaling":
-            return self.clients.autoscaling(self.config.autoscaling_endpoint_url, credentials)
-        if service == "cloudformation":
-            return self.clients.cloudformation(self.config.cloudformation_endpoint_url, credentials)
-        return self.clients.cloudwatch(self.config.cloudwatch_endpoint_url, credentials)
+            client = self.clients.autoscaling(self.config.autoscaling_endpoint_url, credentials)
+        elif service == "cloudformation":
+            client = self.clients.cloudformation(self.config.cloudformation_endpoint_url, credentials)
+        else:
+            client = self.clients.cloudwatch(self.config.cloudwatch_endpoint_url, credentials)
+        self.adopt(client)
+        return client

@@ -179,6 +179,14 @@ class Netlink(Protocol):
         """The IPv4 routing rules, by priority."""
         ...
 
+    def add_rule(self, rule: Rule) -> None:
+        """Add an fwmark rule to a table (the policy-route egress's only kind)."""
+        ...
+
+    def delete_rule(self, rule: Rule) -> bool:
+        """Delete a rule like `rule` (priority, table, mark); False if there was none."""
+        ...
+
 
 # Rule selectors the path check does not evaluate, and their `ip rule` words.
 _RULE_SELECTORS = (
@@ -275,6 +283,29 @@ class PyRoute2Netlink:
                 )
             )
         return sorted(result, key=lambda r: r.priority)
+
+    def _rule(self, command: str, rule: Rule) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 (imported with pyroute2)
+
+        spec: dict[str, Any] = {"priority": rule.priority, "table": rule.table, "action": FR_ACT_TO_TBL}
+        if rule.fwmark is not None:
+            spec.update(fwmark=rule.fwmark, fwmask=rule.fwmask)
+        try:
+            self._ipr.rule(command, family=AF_INET, **spec)
+        except NetlinkError as err:
+            raise RouteError(f"routes: rule {command} {rule.describe()}: {err}") from err
+
+    def add_rule(self, rule: Rule) -> None:
+        self._rule("add", rule)
+
+    def delete_rule(self, rule: Rule) -> bool:
+        try:
+            self._rule("del", rule)
+        except RouteError as err:
+            if getattr(err.__cause__, "code", None) in (errno.ENOENT, errno.ESRCH):
+                return False
+            raise
+        return True
 
     def _spec(self, route: Route) -> dict[str, Any]:
         spec: dict[str, Any] = {

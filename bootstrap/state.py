@@ -65,9 +65,9 @@ class Journal:
             raise TransientError(f"journal: {self.path}: unreadable ({err}); inspect and remove it") from None
         if not isinstance(document, dict) or document.get("version") != JOURNAL_VERSION:
             raise TransientError(f"journal: {self.path}: unknown format; inspect and remove it")
-        if not isinstance(document.get("plan"), dict):
+        if not isinstance(document.get("plan", document.get("policy")), dict):
             # The right version but not what this payload writes: kept for an operator, never guessed at.
-            raise TransientError(f"journal: {self.path}: no 'plan' object; inspect and remove it")
+            raise TransientError(f"journal: {self.path}: no 'plan' or 'policy' object; inspect and remove it")
         return document
 
     def delete(self) -> None:

@@ -106,6 +106,8 @@ class World:
             "deadline_seconds": 20,
             "ec2_endpoint_url": f"http://{API}",
             "test": True,
+            # The kernel tests of the detour itself; test_egress.py runs the default, policy-route.
+            "egress": "main-table",
         }
         document.update(overrides)
         path = self.tmp / f"config-{time.monotonic_ns()}.json"

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
@@ -89,6 +90,7 @@ class FakeNetlink:
         # The kernel's three rules of a fresh namespace; tests add theirs.
         self.rule_list: list[Rule] = [Rule(0, 255), Rule(32766, 254), Rule(32767, 253)]
         self.calls: list[tuple[str, Route]] = []
+        self.rule_calls: list[tuple[str, Rule]] = []
         self.fail_on: dict[str, int] = {}
         self.on_change: Callable[[str, Route], None] = lambda command, route: None
 
@@ -103,6 +105,18 @@ class FakeNetlink:
 
     def rules(self) -> list[Rule]:
         return sorted(self.rule_list, key=lambda r: r.priority)
+
+    def add_rule(self, rule: Rule) -> None:
+        self.rule_calls.append(("add", rule))
+        self.rule_list.append(rule)
+
+    def delete_rule(self, rule: Rule) -> bool:
+        self.rule_calls.append(("delete", rule))
+        for i, r in enumerate(self.rule_list):
+            if (r.priority, r.table, r.fwmark) == (rule.priority, rule.table, rule.fwmark):
+                del self.rule_list[i]
+                return True
+        return False
 
     def route_get(self, dst: str, src: str | None = None, mark: int | None = None) -> PathLookup:
         """Rules by priority (from, fwmark, not), then the longest prefix in the rule's table."""
@@ -207,10 +221,23 @@ def client_error(code: str, status: int = 400, operation: str = "Op") -> ClientE
     )
 
 
-class FakeEc2:
+class _Markable:
+    """Where botocore keeps the socket options of a client's connections (the policy-route mark)."""
+
+    def __init__(self) -> None:
+        self._endpoint = SimpleNamespace(http_session=SimpleNamespace(_socket_options=[]))
+
+    @property
+    def socket_options(self) -> list[tuple[int, int, int]]:
+        options: list[tuple[int, int, int]] = self._endpoint.http_session._socket_options
+        return options
+
+
+class FakeEc2(_Markable):
     """Addresses and instances in dicts; `errors[op]` are raised by the next calls of `op`, in order."""
 
     def __init__(self, holder: str | None = OTHER) -> None:
+        super().__init__()
         self.address: dict[str, Any] = {"AllocationId": ALLOCATION, "PublicIp": EIP}
         if holder:
             self.address["InstanceId"] = holder
@@ -253,8 +280,9 @@ class FakeEc2:
         self.on_close()
 
 
-class FakeAutoScaling:
+class FakeAutoScaling(_Markable):
     def __init__(self, error: Exception | None = None) -> None:
+        super().__init__()
         self.completed: list[dict[str, str]] = []
         self.error = error
         self.before_call: Callable[[str], None] = lambda result: None
@@ -273,10 +301,11 @@ class FakeAutoScaling:
         self.on_close()
 
 
-class FakeReportApi:
+class FakeReportApi(_Markable):
     """CloudFormation's SignalResource and CloudWatch's PutMetricData: calls recorded, errors in order."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[dict[str, Any]] = []
         self.errors: list[Exception] = []
         self.closes = 0
@@ -311,7 +340,9 @@ class FakeClients:
         self.cloudwatch_client = cloudwatch or FakeReportApi()
         self.made: list[tuple[str, str | None, Credentials | None]] = []
 
-    def ec2(self, endpoint_url: str | None, credentials: Credentials | None) -> Any:
+    def ec2(
+        self, endpoint_url: str | None, credentials: Credentials | None, *, dualstack: bool = False
+    ) -> Any:
         self.made.append(("ec2", endpoint_url, credentials))
         return self.ec2_client
 
@@ -350,6 +381,9 @@ class Rig:
             "nat_by_subnet": {SUBNET: "10.0.0.4", "subnet-0bbb": "10.0.1.4"},
             "lifecycle_hook": {"auto_scaling_group": "svc-asg", "hook": "svc-launch"},
             "deadline_seconds": 240,
+            # The tests of the run's state machine use the detour whose every step they can see in the
+            # main table; tests/unit/test_bootstrap_egress.py covers the default, policy-route.
+            "egress": "main-table",
         }
         document.update(overrides)
         document = {k: v for k, v in document.items() if v is not None}

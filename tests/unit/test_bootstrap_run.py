@@ -834,7 +834,7 @@ def test_botocore_error_making_the_client_is_transient_75(
 
     deps = rig.deps()
 
-    def no_credentials(endpoint_url: object, credentials: object) -> object:
+    def no_credentials(endpoint_url: object, credentials: object, **_: object) -> object:
         raise PartialCredentialsError(provider="explicit", cred_var="aws_secret_access_key")
 
     deps.clients.ec2 = no_credentials  # type: ignore[method-assign]
