@@ -13,6 +13,8 @@ from bootstrap.interrupts import interruptible
 if TYPE_CHECKING:
     from botocore.session import Session
     from mypy_boto3_autoscaling import AutoScalingClient
+    from mypy_boto3_cloudformation import CloudFormationClient
+    from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_ec2 import EC2Client
 
 LOG = logging.getLogger(__name__)
@@ -21,7 +23,8 @@ LOG = logging.getLogger(__name__)
 # is not coming, and the retry loop (not botocore) decides what happens next.
 CONNECT_TIMEOUT_SECONDS = 3.0
 READ_TIMEOUT_SECONDS = 10.0
-# ABANDON is best effort after the routes are restored (without the Elastic IP there may be no path).
+# Reports (lifecycle, signal, metrics) are retried by their own loop, a few quick tries through the
+# detour: a short timeout lets a second try go out before the restore.
 LIFECYCLE_CONNECT_TIMEOUT_SECONDS = 2.0
 LIFECYCLE_READ_TIMEOUT_SECONDS = 5.0
 
@@ -116,6 +119,28 @@ class ClientFactory:
     ) -> AutoScalingClient:
         client: AutoScalingClient = self._client(
             "autoscaling",
+            endpoint_url,
+            credentials,
+            LIFECYCLE_CONNECT_TIMEOUT_SECONDS,
+            LIFECYCLE_READ_TIMEOUT_SECONDS,
+        )
+        return client
+
+    def cloudformation(
+        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
+    ) -> CloudFormationClient:
+        client: CloudFormationClient = self._client(
+            "cloudformation",
+            endpoint_url,
+            credentials,
+            LIFECYCLE_CONNECT_TIMEOUT_SECONDS,
+            LIFECYCLE_READ_TIMEOUT_SECONDS,
+        )
+        return client
+
+    def cloudwatch(self, endpoint_url: Optional[str], credentials: Optional[Credentials]) -> CloudWatchClient:
+        client: CloudWatchClient = self._client(
+            "cloudwatch",
             endpoint_url,
             credentials,
             LIFECYCLE_CONNECT_TIMEOUT_SECONDS,

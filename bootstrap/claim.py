@@ -8,34 +8,38 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from bootstrap.clock import Deadline
-from bootstrap.config import LifecycleHook
 from bootstrap.errors import Contested, DeadlineExceeded, PermanentError, TransientError
 from bootstrap.interrupts import interruptible
 
 if TYPE_CHECKING:
-    from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_ec2 import EC2Client
 
 LOG = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Early in the first boot these may pass on their own: the role, its instance profile and its policy
+# are created in the same deployment and take seconds to propagate, and the clock may not be synced
+# yet (RequestExpired). Retried while the host is younger than AUTH_GRACE_AFTER_BOOT_SECONDS, then
+# permanent. botocore's NoCredentialsError (IMDS not serving the role's credentials yet) likewise.
+AUTH_CODES = frozenset(
+    {"UnauthorizedOperation", "AuthFailure", "RequestExpired", "InvalidClientTokenId", "AccessDenied"}
+)
+# IAM's propagation is documented as "eventually consistent", typically seconds; three minutes covers
+# the slow cases seen in the field and is still well inside the launch hook's window.
+AUTH_GRACE_AFTER_BOOT_SECONDS = 180.0
 # Retrying cannot fix these: the role lacks a permission, the credentials are refused, or the
 # allocation does not exist in this account and region.
-PERMANENT_CODES = frozenset(
+PERMANENT_CODES = AUTH_CODES | frozenset(
     {
-        "UnauthorizedOperation",
-        "AuthFailure",
         "InvalidAllocationID.NotFound",
         "InvalidAllocationID.Malformed",
         "OptInRequired",
         "Blocked",
-        "AccessDenied",
-        "InvalidClientTokenId",
         "SignatureDoesNotMatch",
     }
 )
@@ -67,8 +71,9 @@ ASG_TAG = "aws:autoscaling:groupName"
 # verify then sees it and decides again (yield or associate again), at most this many times per run.
 MAX_REASSOCIATIONS = 3
 # Right after AssociateAddress, DescribeAddresses may still show the holder it replaced (or none): read
-# as eventual consistency this many times, then as the address having been taken back.
-VERIFY_LAG_READS = 5
+# as eventual consistency for this long (reads with backoff), then as the address having been taken back.
+# EC2's read-after-write lag is usually under a second and rarely several.
+VERIFY_LAG_SECONDS = 15.0
 GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 
 
@@ -103,11 +108,16 @@ class Retrier:
         deadline: Deadline,
         before_attempt: Callable[[], None] = lambda: None,
         rng: Optional[random.Random] = None,
+        uptime: Callable[[], float] = lambda: AUTH_GRACE_AFTER_BOOT_SECONDS,
     ) -> None:
         self.deadline = deadline
         self.before_attempt = before_attempt
         self.rng = rng or random.Random()
+        self.uptime = uptime
         self.attempts = 0
+
+    def _in_auth_grace(self) -> bool:
+        return self.uptime() < AUTH_GRACE_AFTER_BOOT_SECONDS
 
     def call(self, what: str, func: Callable[[], T]) -> T:
         attempt = 0
@@ -121,13 +131,23 @@ class Retrier:
             except NotYet as err:
                 reason = str(err)
             except (ClientError, BotoConnectionError, HTTPClientError) as err:
-                if not _is_transient(err):
-                    code = _error_code(err) if isinstance(err, ClientError) else type(err).__name__
+                code = _error_code(err) if isinstance(err, ClientError) else type(err).__name__
+                if code in AUTH_CODES and self._in_auth_grace():
+                    reason = f"{code} (IAM or the clock may still be settling after boot)"
+                elif not _is_transient(err):
                     raise PermanentError(f"ec2: {what}: {code}: {err}") from None
-                reason = _error_code(err) if isinstance(err, ClientError) else f"{type(err).__name__}"
+                else:
+                    reason = code
+            except NoCredentialsError as err:
+                if not self._in_auth_grace():
+                    raise PermanentError(
+                        f"ec2: {what}: {type(err).__name__}: no role credentials "
+                        f"{AUTH_GRACE_AFTER_BOOT_SECONDS:g} s after boot (is an instance profile attached?)"
+                    ) from None
+                reason = f"{type(err).__name__} (the role's credentials may not be served yet)"
             except BotoCoreError as err:
-                # NoCredentialsError, PartialCredentialsError, ...: not a refusal by the API (so not 3),
-                # and nothing that retrying within this run fixes; the next run (systemd) may.
+                # PartialCredentialsError, ...: not a refusal by the API (so not 3), and nothing that
+                # retrying within this run fixes; the next run (systemd) may.
                 one_line = " ".join(str(err).split())
                 raise TransientError(f"ec2: {what}: {type(err).__name__}: {one_line}") from None
             attempt += 1
@@ -166,7 +186,9 @@ def _newer_member(ec2: EC2Client, retrier: Retrier, me: str, holder: str) -> Opt
 
     if group(mine) is None or group(mine) != group(theirs):
         return None
-    if theirs["LaunchTime"] > mine["LaunchTime"]:
+    # Two members launched in the same second: the instance id breaks the tie, the same way on both, so
+    # exactly one of them yields.
+    if (theirs["LaunchTime"], theirs["InstanceId"]) > (mine["LaunchTime"], mine["InstanceId"]):
         return group(mine)
     return None
 
@@ -238,44 +260,13 @@ def _verify(
     The holder it replaced (or none) is read as eventual consistency for a few reads; any other
     instance has associated the address after us, and the caller decides again at once.
     """
-    reads = 0
+    lag_ends = retrier.deadline.clock.monotonic() + VERIFY_LAG_SECONDS
 
     def read() -> Optional[str]:
-        nonlocal reads
-        reads += 1
         now: Optional[str] = _describe_address(ec2, allocation_id).get("InstanceId")
-        if now != instance_id and now == replaced and reads < VERIFY_LAG_READS:
+        lagging = retrier.deadline.clock.monotonic() < lag_ends
+        if now != instance_id and now == replaced and lagging:
             raise NotYet(f"held by {now or 'no instance'}")
         return now
 
     return retrier.call("verify DescribeAddresses", read)
-
-
-def complete_lifecycle(
-    autoscaling: AutoScalingClient, hook: LifecycleHook, instance_id: str, result: str
-) -> bool:
-    """Complete the launch lifecycle action once; failures are logged, never raised (best effort)."""
-    try:
-        autoscaling.complete_lifecycle_action(
-            LifecycleHookName=hook.hook,
-            AutoScalingGroupName=hook.auto_scaling_group,
-            LifecycleActionResult=result,
-            InstanceId=instance_id,
-        )
-    except ClientError as err:
-        message = str(err.response.get("Error", {}).get("Message", ""))
-        if _error_code(err) == "ValidationError" and "No active Lifecycle Action" in message:
-            # Every run but the first boot's (reboots, the re-check timer): nothing is waiting.
-            LOG.info("lifecycle: no pending launch action for this instance; nothing to complete")
-        else:
-            LOG.warning(
-                "lifecycle: %s for %s/%s not completed: %s", result, hook.auto_scaling_group, hook.hook, err
-            )
-        return False
-    except (BotoCoreError, TransientError) as err:
-        LOG.warning(
-            "lifecycle: %s for %s/%s not completed: %s", result, hook.auto_scaling_group, hook.hook, err
-        )
-        return False
-    LOG.info("lifecycle: %s sent for %s/%s", result, hook.auto_scaling_group, hook.hook)
-    return True

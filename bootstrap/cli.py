@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None, *, deps: Optional[object] = None)
 
 
 def _main(args: argparse.Namespace, injected: Optional[object]) -> int:
-    from bootstrap import reclaim  # noqa: PLC0415 (keeps --help fast)
+    from bootstrap import reclaim, resolve  # noqa: PLC0415 (keeps --help fast)
     from bootstrap.aws import ClientFactory, disable_imds_v1  # noqa: PLC0415
     from bootstrap.clock import Deadline, SystemClock  # noqa: PLC0415
     from bootstrap.config import load_config  # noqa: PLC0415
@@ -92,7 +92,12 @@ def _main(args: argparse.Namespace, injected: Optional[object]) -> int:
     from bootstrap.state import Journal, Lock, state_dir  # noqa: PLC0415
 
     config = load_config(args.config)
-    skip_pins = parse_skip_pins(os.environ.get(SKIP_PINS_ENV))
+    skip_pins = frozenset[str]()
+    if os.environ.get(SKIP_PINS_ENV):
+        if config.test:
+            skip_pins = parse_skip_pins(os.environ[SKIP_PINS_ENV])
+        else:
+            LOG.warning("%s ignored: test switches apply only to a test configuration", SKIP_PINS_ENV)
     if isinstance(injected, reclaim.Deps):
         deps = injected
         deadline = Deadline(deps.clock, config.deadline_seconds)
@@ -127,7 +132,9 @@ def _main(args: argparse.Namespace, injected: Optional[object]) -> int:
     try:
         deps.interrupts.install(config.deadline_seconds)
         try:
-            return reclaim.run(config, deps, deadline)
+            # Every name lookup off the main thread and bounded: a hung resolver must not hold a stop.
+            with resolve.installed(resolve.BoundedResolver()):
+                return reclaim.run(config, deps, deadline)
         finally:
             deps.interrupts.uninstall(restore_handlers=injected is not None)
     finally:

@@ -14,10 +14,18 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float) -> None: ...
 
+    def uptime(self) -> float:
+        """Seconds since the host booted: how far into the launch lifecycle hook's window this run is."""
+        ...
+
 
 class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
+
+    def uptime(self) -> float:
+        # CLOCK_BOOTTIME counts from boot and, unlike CLOCK_MONOTONIC, through suspend.
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)

@@ -31,19 +31,52 @@ _URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 _HOOK_NAME = re.compile(r"[A-Za-z0-9\-_/.@:]{1,255}")
 
 _REQUIRED = ("version", "region", "allocation_id", "nat_by_subnet")
+_ENDPOINT_KEYS = (
+    "ec2_endpoint_url",
+    "autoscaling_endpoint_url",
+    "cloudformation_endpoint_url",
+    "cloudwatch_endpoint_url",
+)
 _OPTIONAL = (
     "lifecycle_hook",
     "deadline_seconds",
-    "ec2_endpoint_url",
-    "autoscaling_endpoint_url",
+    *_ENDPOINT_KEYS,
     "imds_url",
+    "signal",
+    "metrics",
+    "test",
 )
+_STACK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,127}")
+_LOGICAL_ID = re.compile(r"[A-Za-z0-9]{1,255}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_./#:-]{1,255}")
+_DIMENSION = re.compile(r"[A-Za-z0-9_./#:@ -]{1,255}")
+# A lifecycle hook's heartbeat timeout: Auto Scaling accepts 30 s to 7200 s.
+MIN_HOOK_TIMEOUT_SECONDS = 30
+MAX_HOOK_TIMEOUT_SECONDS = 7200
 
 
 @dataclass(frozen=True)
 class LifecycleHook:
     auto_scaling_group: str
     hook: str
+    # The hook's heartbeat timeout, when known: the window in which another attempt can still complete it.
+    timeout_seconds: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class StackSignal:
+    """The resource of a CloudFormation stack that waits for this instance's signal (creation policy)."""
+
+    stack: str
+    resource: str
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Where the run's outcome is published as CloudWatch metrics (dimension Service=<service>)."""
+
+    namespace: str
+    service: str
 
 
 @dataclass(frozen=True)
@@ -57,6 +90,12 @@ class Config:
     ec2_endpoint_url: Optional[str] = None
     autoscaling_endpoint_url: Optional[str] = None
     imds_url: str = DEFAULT_IMDS_URL
+    cloudformation_endpoint_url: Optional[str] = None
+    cloudwatch_endpoint_url: Optional[str] = None
+    signal: Optional[StackSignal] = None
+    metrics: Optional[Metrics] = None
+    # A test run (the VPC lab, the kernel tests): plain-HTTP endpoints and the test switches are allowed.
+    test: bool = False
 
     def nat_for(self, subnet_id: str) -> str:
         """The NAT address of `subnet_id`, or a configuration error (no route is touched before this)."""
@@ -107,20 +146,56 @@ def _nat_map(value: Any) -> dict[str, str]:
     return result
 
 
-def _hook(value: Any) -> LifecycleHook:
+def _object(
+    key: str, value: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A JSON object with exactly these keys (the optional ones may be absent)."""
     if not isinstance(value, dict):
-        raise _fail("lifecycle_hook", f"expected an object, got {type(value).__name__}")
-    for key in value:
-        if key not in ("auto_scaling_group", "hook"):
-            raise _fail(f"lifecycle_hook.{key}", "unknown key")
-    for key in ("auto_scaling_group", "hook"):
-        if key not in value:
-            raise _fail(f"lifecycle_hook.{key}", "required key is missing")
+        raise _fail(key, f"expected an object, got {type(value).__name__}")
+    for name in value:
+        if name not in required and name not in optional:
+            raise _fail(f"{key}.{name}", "unknown key")
+    for name in required:
+        if name not in value:
+            raise _fail(f"{key}.{name}", "required key is missing")
+    return value
+
+
+def _hook(value: Any) -> LifecycleHook:
+    value = _object("lifecycle_hook", value, ("auto_scaling_group", "hook"), ("timeout_seconds",))
+    timeout = value.get("timeout_seconds")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int)
+        or not MIN_HOOK_TIMEOUT_SECONDS <= timeout <= MAX_HOOK_TIMEOUT_SECONDS
+    ):
+        raise _fail(
+            "lifecycle_hook.timeout_seconds",
+            f"{timeout!r} is not a whole number of seconds from {MIN_HOOK_TIMEOUT_SECONDS} to "
+            f"{MAX_HOOK_TIMEOUT_SECONDS} (a lifecycle hook's heartbeat timeout)",
+        )
     return LifecycleHook(
         auto_scaling_group=_string(
             "lifecycle_hook.auto_scaling_group", value["auto_scaling_group"], _HOOK_NAME, "a group name"
         ),
         hook=_string("lifecycle_hook.hook", value["hook"], _HOOK_NAME, "a hook name"),
+        timeout_seconds=timeout,
+    )
+
+
+def _signal(value: Any) -> StackSignal:
+    value = _object("signal", value, ("stack", "resource"))
+    return StackSignal(
+        stack=_string("signal.stack", value["stack"], _STACK_NAME, "a CloudFormation stack name"),
+        resource=_string("signal.resource", value["resource"], _LOGICAL_ID, "a logical resource ID"),
+    )
+
+
+def _metrics(value: Any) -> Metrics:
+    value = _object("metrics", value, ("namespace", "service"))
+    return Metrics(
+        namespace=_string("metrics.namespace", value["namespace"], _NAMESPACE, "a CloudWatch namespace"),
+        service=_string("metrics.service", value["service"], _DIMENSION, "a dimension value"),
     )
 
 
@@ -152,7 +227,11 @@ def parse_config(data: Any) -> Config:
         raise _fail("version", f"expected an integer, got {type(version).__name__}")
     if version != SUPPORTED_VERSION:
         raise _fail("version", f"{version} is not supported (this payload reads version {SUPPORTED_VERSION})")
-    hook = data.get("lifecycle_hook")
+    test = data.get("test", False)
+    if not isinstance(test, bool):
+        raise _fail("test", f"expected true or false, got {type(test).__name__}")
+    endpoints = {key: _endpoint(key, data.get(key), test=test) for key in _ENDPOINT_KEYS}
+    hook, signal, metrics = data.get("lifecycle_hook"), data.get("signal"), data.get("metrics")
     return Config(
         version=version,
         region=_string("region", data["region"], _REGION, "an AWS region name"),
@@ -165,18 +244,25 @@ def parse_config(data: Any) -> Config:
         nat_by_subnet=_nat_map(data["nat_by_subnet"]),
         lifecycle_hook=None if hook is None else _hook(hook),
         deadline_seconds=_deadline(data.get("deadline_seconds", DEFAULT_DEADLINE_SECONDS)),
-        ec2_endpoint_url=_optional_url("ec2_endpoint_url", data.get("ec2_endpoint_url")),
-        autoscaling_endpoint_url=_optional_url(
-            "autoscaling_endpoint_url", data.get("autoscaling_endpoint_url")
-        ),
         imds_url=_string("imds_url", data.get("imds_url", DEFAULT_IMDS_URL), _URL, "an http(s) URL").rstrip(
             "/"
         ),
+        signal=None if signal is None else _signal(signal),
+        metrics=None if metrics is None else _metrics(metrics),
+        test=test,
+        **endpoints,
     )
 
 
-def _optional_url(key: str, value: Any) -> Optional[str]:
-    return None if value is None else _string(key, value, _URL, "an http(s) URL")
+def _endpoint(key: str, value: Any, *, test: bool) -> Optional[str]:
+    """An API endpoint override: HTTPS, or plain HTTP in a test configuration only."""
+    if value is None:
+        return None
+    url = _string(key, value, _URL, "an http(s) URL")
+    if url.startswith("http://") and not test:
+        # Signed requests and the role's session token would cross the NAT in clear.
+        raise _fail(key, f'{url!r}: plain http:// is allowed only in a test configuration ("test": true)')
+    return url
 
 
 def load_config(path: str) -> Config:

@@ -7,6 +7,11 @@ handler raises only inside `interruptible()` regions — the blocking waits: IMD
 backoff sleeps, waiting for the preload thread — all of which sit inside the detour's `try`. A signal
 that arrives anywhere else is kept and raised at the next region's start; one that arrives after the
 run is disarmed (the restore, the lifecycle call) is only logged. Each arming raises at most once.
+
+Inside a region the handler raises `Interrupt`, a BaseException: libraries turn any `Exception` raised
+in their I/O into one of their own (botocore wraps it in HTTPClientError, which reads as a transient
+network error and would be retried), but let a BaseException through. The region's exit turns it back
+into the ReclaimError it carries, so the stop reaches the run's `finally` within the signal's latency.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from bootstrap.errors import DeadlineExceeded, ReclaimError, Terminated
 LOG = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Interrupt(BaseException):
+    """A stop request carried through library code that swallows `Exception`; see the module docstring."""
+
+    def __init__(self, error: ReclaimError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Interrupts:
@@ -75,6 +88,10 @@ class Interrupts:
         self.depth += 1
         try:
             yield
+        except Interrupt as stop:
+            if self.depth > 1:
+                raise  # a region inside library code (a name lookup): the outermost one converts it
+            raise stop.error from None
         finally:
             self.depth -= 1
 
@@ -89,7 +106,7 @@ class Interrupts:
             return
         self.armed = False
         self.pending = None
-        raise error
+        raise Interrupt(error)
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self._raise(Terminated(f"signal {signal.Signals(signum).name} received"))

@@ -12,14 +12,24 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol, TextIO, TypeVar
 from bootstrap import routes
 from bootstrap.clock import Clock, Deadline
 from bootstrap.config import Config
-from bootstrap.errors import EXIT_OK, IdentityMismatch, ReclaimError, Terminated, TransientError
+from bootstrap.errors import (
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    IdentityMismatch,
+    ReclaimError,
+    Terminated,
+    TransientError,
+)
 from bootstrap.imds import Credentials, Identity, Imds, ImdsError
 from bootstrap.interrupts import INTERRUPTS, Interrupts
+from bootstrap.report import Reporter
 from bootstrap.routes import DetourPlan, Netlink
-from bootstrap.state import Journal
+from bootstrap.state import Journal, Marks, remove_stray_temporaries
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
+    from mypy_boto3_cloudformation import CloudFormationClient
+    from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_ec2 import EC2Client
 
     from bootstrap.claim import Outcome
@@ -37,6 +47,14 @@ class Clients(Protocol):
     def autoscaling(
         self, endpoint_url: Optional[str], credentials: Optional[Credentials]
     ) -> AutoScalingClient: ...
+
+    def cloudformation(
+        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
+    ) -> CloudFormationClient: ...
+
+    def cloudwatch(
+        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
+    ) -> CloudWatchClient: ...
 
 
 @dataclass
@@ -78,7 +96,13 @@ def restore_and_forget(netlink: Netlink, plan: DetourPlan, journal: Journal, int
     except routes.RouteError as err:
         LOG.error("restore: %s; journal kept at %s for the next run", err, journal.path)
         raise
-    journal.delete()
+    try:
+        journal.delete()
+    except OSError as err:
+        # The routes are as journaled: a journal left behind only makes the next run's recovery a no-op.
+        LOG.warning(
+            "journal: cannot remove %s: %s; the next run finds the routes already restored", journal.path, err
+        )
 
 
 def _check_journal(journal: Journal) -> None:
@@ -99,12 +123,103 @@ def _skip_warning(skip: frozenset[str]) -> None:
         LOG.warning("TEST ONLY: not adding pins %s (EIP_RECLAIM_TEST_SKIP_PINS)", ",".join(sorted(skip)))
 
 
-def _claim(
-    deps: Deps, config: Config, deadline: Deadline, *, ec2: EC2Client, me: str, before: Callable[[], None]
-) -> Outcome:
-    from bootstrap.claim import Retrier, claim  # noqa: PLC0415 (botocore loads on a background thread meanwhile)
+# systemd's RestartSec= in eip-reclaim.service: the pause before the next attempt after exit 75.
+RESTART_DELAY_SECONDS = 30.0
+# The hook's window opens at launch; the kernel boots some seconds later, so uptime undercounts by this.
+LAUNCH_TO_BOOT_SECONDS = 30.0
+# A run that has claimed the address still needs this long to restore and complete the action.
+REPORT_SECONDS = 15.0
+# Role credentials not served yet early in the first boot: asked again with this pause (see claim).
+CREDENTIALS_BACKOFF_SECONDS = 1.0
 
-    return claim(ec2, me, config.allocation_id, Retrier(deadline, before, deps.rng))
+
+def another_attempt_fits(config: Config, uptime: float) -> bool:
+    """Whether a restarted run could still complete the launch action before the hook's timeout.
+
+    The next attempt starts RESTART_DELAY_SECONDS after this one and may use its whole deadline; the hook's
+    window opened about LAUNCH_TO_BOOT_SECONDS before the boot. With the stacks' values (a 660 s hook, a
+    240 s deadline) a first run that fails at 270 s after boot leaves room for one more
+    (30 + 270 + 30 + 240 + 15 = 585 s), and that one, failing at about 540 s, does not (855 s): it abandons.
+    """
+    hook = config.lifecycle_hook
+    if hook is None or hook.timeout_seconds is None:
+        return True  # unknown window: the hook's own default result decides
+    next_ends = LAUNCH_TO_BOOT_SECONDS + uptime + RESTART_DELAY_SECONDS + config.deadline_seconds
+    return next_ends + REPORT_SECONDS <= hook.timeout_seconds
+
+
+class _Run:
+    """One run's state once IMDS has named the instance: what it claimed, and whom it told."""
+
+    def __init__(self, config: Config, deps: Deps, deadline: Deadline, identity: Identity) -> None:
+        self.config = config
+        self.deps = deps
+        self.deadline = deadline
+        self.identity = identity
+        self.creds: Optional[Credentials] = None
+        self.verified = False  # the claim ended with the address held by this instance or a newer member
+        self.failure_reported = False
+        self.reporter = Reporter(
+            config=config,
+            clients=deps.clients,
+            marks=Marks(deps.journal.directory),
+            instance_id=identity.instance_id,
+            credentials=self.credentials,
+            deadline=deadline,
+            rng=deps.rng,
+        )
+
+    def credentials(self) -> Optional[Credentials]:
+        """The role's credentials from IMDS, asked again while the first boot is young (see claim)."""
+        if self.creds is not None:
+            return self.creds
+        from bootstrap.claim import AUTH_GRACE_AFTER_BOOT_SECONDS  # noqa: PLC0415
+
+        while True:
+            young = self.deps.clock.uptime() < AUTH_GRACE_AFTER_BOOT_SECONDS
+            try:
+                creds = self.deps.imds.credentials()
+            except ImdsError as err:
+                if not young:
+                    raise
+                reason = str(err)
+            else:
+                if creds is not None or not young:
+                    self.creds = creds
+                    return creds
+                reason = "no role listed yet"
+            LOG.warning("imds: role credentials not served yet (%s); asking again", reason)
+            self.deadline.sleep(CREDENTIALS_BACKOFF_SECONDS, "waiting for the role's credentials")
+
+    def claim(self, before: Callable[[], None]) -> Outcome:
+        from bootstrap.claim import Retrier, claim  # noqa: PLC0415 (botocore loads on a background thread)
+
+        ec2 = _api_client("ec2", lambda: self.deps.clients.ec2(self.config.ec2_endpoint_url, self.creds))
+        try:
+            retrier = Retrier(self.deadline, before, self.deps.rng, uptime=self.deps.clock.uptime)
+            outcome = claim(ec2, self.identity.instance_id, self.config.allocation_id, retrier)
+        finally:
+            _close_connections(ec2)
+        self.verified = True
+        return outcome
+
+    def fail(self, err: ReclaimError, *, where: str) -> None:
+        """ABANDON (and the FAILURE signal) only when the outcome is final; see docs/payload.md."""
+        if self.failure_reported or self.verified or isinstance(err, Terminated):
+            return
+        if not self.reporter.lifecycle_pending() and self.config.signal is None:
+            return
+        if err.exit_code == EXIT_TEMPFAIL:
+            uptime = self.deps.clock.uptime()
+            if another_attempt_fits(self.config, uptime):
+                LOG.info(
+                    "lifecycle: no ABANDON: a restarted run still fits in the hook's window (%.0f s up)",
+                    uptime,
+                )
+                return
+            LOG.warning("lifecycle: no time left in the hook's window for another attempt; abandoning")
+        self.failure_reported = True
+        self.reporter.failed(where=where)
 
 
 def _plan(deps: Deps, netlink: Netlink, identity: Identity, nat: str) -> DetourPlan:
@@ -119,16 +234,9 @@ def _plan(deps: Deps, netlink: Netlink, identity: Identity, nat: str) -> DetourP
     )
 
 
-def _detour_and_claim(
-    deps: Deps,
-    config: Config,
-    deadline: Deadline,
-    *,
-    identity: Identity,
-    nat: str,
-    creds: Optional[Credentials],
-    abandon: Callable[[], None],
-) -> Outcome:
+def _detour_and_claim(run: _Run, nat: str) -> tuple[Outcome, bool]:
+    """Detour, claim and report through the detour, restore; (outcome, everything reported)."""
+    deps, identity = run.deps, run.identity
     with deps.netlink() as netlink:
         plan = _plan(deps, netlink, identity, nat)
         try:
@@ -157,22 +265,19 @@ def _detour_and_claim(
                     LOG.warning("routes: default route was changed under the detour; detour re-asserted")
 
             try:
-                ec2 = _ec2_client(deps, config, creds)
-                try:
-                    return _claim(
-                        deps, config, deadline, ec2=ec2, me=identity.instance_id, before=before_attempt
-                    )
-                finally:
-                    _close_connections(ec2)
+                outcome = run.claim(before_attempt)
             except ReclaimError as err:
                 # Through the detour, before the restore: without a public IPv4 the instance has no
                 # route to the API afterwards, and the group would wait out the hook's timeout.
-                if not isinstance(err, Terminated):
-                    abandon()
+                run.fail(err, where="through the detour")
                 raise
+            LOG.info("ec2: %s: %s", run.config.allocation_id, outcome.value)
+            # Through the detour too, before the restore: the Elastic IP's path can take a moment.
+            reported = run.reporter.succeeded(until_deadline=False, where="through the detour")
         finally:
             restore_and_forget(netlink, plan, deps.journal, deps.interrupts)
             LOG.info("routes: restored as journaled; journal removed")
+    return outcome, reported
 
 
 def _close_connections(client: object) -> None:
@@ -205,6 +310,8 @@ def _guard_identity(imds: Imds, expected: str) -> None:
 def run(config: Config, deps: Deps, deadline: Deadline) -> int:
     """The whole run after the lock is held. Raises ReclaimError (with its exit code) on failure."""
     _skip_warning(deps.skip_pins)
+    for name in remove_stray_temporaries(deps.journal.directory):
+        LOG.info("state: removed %s, left by an interrupted write", name)
     if deps.journal.exists():
         _check_journal(deps.journal)
         with deps.netlink() as netlink:
@@ -218,12 +325,10 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         ",".join(identity.vpc_cidrs),
         identity.public_ipv4 or "none",
     )
-    outcome: Optional[Outcome] = None
-    creds: Optional[Credentials] = None
-    abandoned = False  # ABANDON already tried through the detour
+    state = _Run(config, deps, deadline, identity)
     try:
         nat = config.nat_for(identity.subnet_id)
-        creds = deps.imds.credentials()
+        creds = state.credentials()
         LOG.info(
             "imds: %s", "role credentials read" if creds else "no instance role; default credential chain"
         )
@@ -231,72 +336,33 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
             # A public address means the API is reachable as things are (and if it is the Elastic IP,
             # DescribeAddresses shows it is ours): no detour, no route change.
             LOG.info("routes: public IPv4 %s present; no detour needed", identity.public_ipv4)
-            ec2 = _ec2_client(deps, config, creds)
-            outcome = _claim(deps, config, deadline, ec2=ec2, me=identity.instance_id, before=lambda: None)
+            outcome = state.claim(lambda: None)
+            LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
+            reported = False
         else:
-
-            def abandon_through_detour() -> None:
-                nonlocal abandoned
-                abandoned = True
-                _complete(deps, config, identity.instance_id, "ABANDON", creds, through_detour=True)
-
-            outcome = _detour_and_claim(
-                deps,
-                config,
-                deadline,
-                identity=identity,
-                nat=nat,
-                creds=creds,
-                abandon=abandon_through_detour,
-            )
+            outcome, reported = _detour_and_claim(state, nat)
     except ReclaimError as err:
         deps.interrupts.disarm()
-        # A stop request is not this instance's failure: no ABANDON for it. Once tried through the
-        # detour, ABANDON is not sent again: after the restore there is usually no route to the API.
-        if not isinstance(err, Terminated) and not abandoned:
-            _complete(deps, config, identity.instance_id, "ABANDON", creds)
+        state.fail(err, where="directly" if identity.public_ipv4 else "after the restore")
         raise
+    from bootstrap.claim import Outcome  # noqa: PLC0415 (botocore is loaded by now)
+
+    heal_seconds = deadline.elapsed()
     deps.interrupts.disarm()
-    LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
-    _complete(deps, config, identity.instance_id, "CONTINUE", creds)
-    return EXIT_OK
-
-
-def _complete(
-    deps: Deps,
-    config: Config,
-    instance_id: str,
-    result: str,
-    creds: Optional[Credentials],
-    *,
-    through_detour: bool = False,
-) -> None:
-    if config.lifecycle_hook is None:
-        return
-    from bootstrap.claim import complete_lifecycle  # noqa: PLC0415
-
-    # A fresh client: after the restore, the connections made through the NAT died with the detour;
-    # through the detour, its connections are closed before the restore (see _close_connections).
-    try:
-        if creds is None:
-            creds = deps.imds.credentials()
-        client = _api_client(
-            "lifecycle", lambda: deps.clients.autoscaling(config.autoscaling_endpoint_url, creds)
+    if not reported:
+        # Over the Elastic IP (or the public address), until the deadline: a launch action left pending
+        # times out to ABANDON, and the group would terminate the instance that holds the address.
+        reported = state.reporter.succeeded(until_deadline=True, where="over the Elastic IP")
+    if outcome is Outcome.ASSOCIATED:
+        state.reporter.metrics(
+            {"Healed": (1.0, "Count"), "HealSeconds": (heal_seconds, "Seconds")}, where="over the Elastic IP"
         )
-    except ReclaimError as err:
-        LOG.warning("lifecycle: %s not sent: %s", result, err)
-        return
-    if through_detour:
-        LOG.info("lifecycle: sending %s through the detour, before the restore", result)
-    try:
-        complete_lifecycle(client, config.lifecycle_hook, instance_id, result)
-    finally:
-        if through_detour:
-            _close_connections(client)
-
-
-def _ec2_client(deps: Deps, config: Config, creds: Optional[Credentials]) -> EC2Client:
-    return _api_client("ec2", lambda: deps.clients.ec2(config.ec2_endpoint_url, creds))
+    if not reported:
+        raise TransientError(
+            "lifecycle: the address is held, but CONTINUE or the stack's signal could not be sent; "
+            "a restarted run sends it"
+        )
+    return EXIT_OK
 
 
 def _api_client(what: str, make: Callable[[], _C]) -> _C:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -20,6 +21,7 @@ DEFAULT_STATE_DIR = "/run/eip-reclaim"
 JOURNAL_NAME = "routes.json"
 LOCK_NAME = "lock"
 JOURNAL_VERSION = 1
+TEMP_SUFFIX = ".tmp"
 # A second run started by a timer while the boot run finishes waits this long, then gives up (75:
 # systemd or the next timer tick tries again).
 LOCK_WAIT_SECONDS = 2.0
@@ -39,17 +41,15 @@ class Journal:
         self.path = os.path.join(directory, JOURNAL_NAME)
 
     def write(self, document: dict[str, Any]) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        temp = f"{self.path}.{os.getpid()}.tmp"
+        """Replace the journal; a full or read-only state directory is one line and exit 75."""
         data = json.dumps({"version": JOURNAL_VERSION, **document}, indent=1, sort_keys=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, data.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-        self._sync_directory()
+            write_atomically(self.directory, self.path, data.encode("utf-8"))
+        except OSError as err:
+            raise StateError(
+                f"journal: cannot write {self.path}: {err.strerror or err} (the state directory "
+                f"${STATE_DIR_ENV} must be a writable tmpfs such as /run); no route changed by this write"
+            ) from None
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
@@ -75,14 +75,84 @@ class Journal:
             os.unlink(self.path)
         except FileNotFoundError:
             return
-        self._sync_directory()
+        _sync_directory(self.directory)
 
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+
+class StateError(TransientError):
+    """The state directory cannot be written (full, read-only)."""
+
+
+def write_atomically(directory: str, path: str, data: bytes) -> None:
+    """Temp file, every byte written (a short write is continued), fsync, rename, fsync of the directory."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, "no byte written")
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    os.close(fd)
+    os.replace(temp, path)
+    _sync_directory(directory)
+
+
+def remove_stray_temporaries(directory: str) -> list[str]:
+    """Delete temp files a killed run left (the caller holds the lock, so none is being written)."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.endswith(TEMP_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+def _sync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Marks:
+    """Small records that something is done for an instance (a file holding its id), kept in /run.
+
+    A reboot clears /run, and with it the marks: the next boot asks again, and is told nothing waits.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.directory, f"{name}.done")
+
+    def done(self, name: str, instance_id: str) -> bool:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            with open(self._path(name), encoding="utf-8") as handle:
+                return handle.read().strip() == instance_id
+        except OSError:
+            return False
+
+    def mark(self, name: str, instance_id: str) -> None:
+        """Record it; a failure costs only a repeated call on a later run, so it is logged, not raised."""
+        try:
+            write_atomically(self.directory, self._path(name), instance_id.encode("ascii"))
+        except OSError as err:
+            LOG.warning("state: cannot record %s as done in %s: %s", name, self.directory, err)
 
 
 class Lock:

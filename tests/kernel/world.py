@@ -105,6 +105,7 @@ class World:
             "nat_by_subnet": {SUBNET_ID: NAT, "subnet-0bbb": "10.0.1.4"},
             "deadline_seconds": 20,
             "ec2_endpoint_url": f"http://{API}",
+            "test": True,
         }
         document.update(overrides)
         path = self.tmp / f"config-{time.monotonic_ns()}.json"

@@ -244,6 +244,8 @@ def render_config(
         text = text.replace(json.dumps(placeholder), json.dumps(value))
     config: dict[str, Any] = json.loads(text)
     config.update(endpoints)
+    # The lab's emulators speak plain HTTP, which the payload accepts only in a test configuration.
+    config["test"] = True
     if deadline_seconds is not None:
         config["deadline_seconds"] = deadline_seconds
     return config

@@ -98,6 +98,7 @@ def test_render_fills_deploy_time_values_and_adds_endpoints() -> None:
         "lifecycle_hook": {"auto_scaling_group": "asg", "hook": "launch"},
         "deadline_seconds": 6,
         "ec2_endpoint_url": "http://x",
+        "test": True,
     }
 
 

@@ -53,9 +53,15 @@ def test_endpoints_and_imds_url_are_read() -> None:
         _with(
             ec2_endpoint_url="http://203.0.113.10:5000",
             autoscaling_endpoint_url="https://autoscaling.example",
+            cloudformation_endpoint_url="http://203.0.113.10:5001",
+            cloudwatch_endpoint_url="https://monitoring.example",
             imds_url="http://127.0.0.1:8080/",
+            test=True,
         )
     )
+    assert config.test
+    assert config.cloudformation_endpoint_url == "http://203.0.113.10:5001"
+    assert config.cloudwatch_endpoint_url == "https://monitoring.example"
     assert config.ec2_endpoint_url == "http://203.0.113.10:5000"
     assert config.imds_url == "http://127.0.0.1:8080"
 
@@ -105,6 +111,25 @@ BAD = [
     (_with(ec2_endpoint_url="ftp://x"), "ec2_endpoint_url", "not an http(s) URL"),
     (_with(autoscaling_endpoint_url=5), "autoscaling_endpoint_url", "expected a string"),
     (_with(imds_url="169.254.169.254"), "imds_url", "not an http(s) URL"),
+    # Plain HTTP would carry signed requests and the session token in clear through the NAT.
+    (_with(ec2_endpoint_url="http://203.0.113.10"), "ec2_endpoint_url", '("test": true)'),
+    (_with(cloudwatch_endpoint_url="http://x"), "cloudwatch_endpoint_url", "only in a test configuration"),
+    (_with(test="yes"), "test", "expected true or false"),
+    (
+        _with(lifecycle_hook={"auto_scaling_group": "a", "hook": "h", "timeout_seconds": 10}),
+        "lifecycle_hook.timeout_seconds",
+        "from 30 to 7200",
+    ),
+    (
+        _with(lifecycle_hook={"auto_scaling_group": "a", "hook": "h", "timeout_seconds": 660.5}),
+        "lifecycle_hook.timeout_seconds",
+        "whole number",
+    ),
+    (_with(signal={"stack": "S"}), "signal.resource", "required key is missing"),
+    (_with(signal={"stack": "S", "resource": "Asg-1"}), "signal.resource", "not a logical resource ID"),
+    (_with(signal={"stack": "1S", "resource": "Asg"}), "signal.stack", "not a CloudFormation stack name"),
+    (_with(metrics={"namespace": "EipReclaim"}), "metrics.service", "required key is missing"),
+    (_with(metrics={"namespace": "E", "service": "w", "x": 1}), "metrics.x", "unknown key"),
 ]
 
 
@@ -116,6 +141,20 @@ def test_bad_documents_name_the_key(document: dict[str, Any], key: str, problem:
     assert message.startswith(f"config: {key}: "), message
     assert problem in message
     assert "\n" not in message
+
+
+def test_signal_metrics_and_the_hook_timeout_are_read() -> None:
+    config = parse_config(
+        _with(
+            lifecycle_hook={"auto_scaling_group": "svc-asg", "hook": "svc-launch", "timeout_seconds": 660},
+            signal={"stack": "EipReclaim-web", "resource": "GroupASG1234ABCD"},
+            metrics={"namespace": "EipReclaim", "service": "web"},
+        )
+    )
+    assert config.lifecycle_hook is not None and config.lifecycle_hook.timeout_seconds == 660
+    assert config.signal is not None and config.signal.resource == "GroupASG1234ABCD"
+    assert config.metrics is not None and config.metrics.service == "web"
+    assert not config.test
 
 
 def test_the_published_example_message() -> None:

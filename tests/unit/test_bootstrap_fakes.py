@@ -49,9 +49,14 @@ class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
         self.slept: list[float] = []
+        # Ten minutes after boot by default: past the first boot's grace for IAM and credentials.
+        self.boot = self.now - 600.0
 
     def monotonic(self) -> float:
         return self.now
+
+    def uptime(self) -> float:
+        return self.now - self.boot
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
@@ -247,10 +252,42 @@ class FakeAutoScaling:
         self.on_close()
 
 
+class FakeReportApi:
+    """CloudFormation's SignalResource and CloudWatch's PutMetricData: calls recorded, errors in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.errors: list[Exception] = []
+        self.closes = 0
+
+    def _call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.errors:
+            raise self.errors.pop(0)
+        self.calls.append(kwargs)
+        return {}
+
+    def signal_resource(self, **kwargs: Any) -> dict[str, Any]:
+        return self._call(kwargs)
+
+    def put_metric_data(self, **kwargs: Any) -> dict[str, Any]:
+        return self._call(kwargs)
+
+    def close(self) -> None:
+        self.closes += 1
+
+
 class FakeClients:
-    def __init__(self, ec2: FakeEc2, autoscaling: FakeAutoScaling | None = None) -> None:
+    def __init__(
+        self,
+        ec2: FakeEc2,
+        autoscaling: FakeAutoScaling | None = None,
+        cloudformation: FakeReportApi | None = None,
+        cloudwatch: FakeReportApi | None = None,
+    ) -> None:
         self.ec2_client = ec2
         self.autoscaling_client = autoscaling or FakeAutoScaling()
+        self.cloudformation_client = cloudformation or FakeReportApi()
+        self.cloudwatch_client = cloudwatch or FakeReportApi()
         self.made: list[tuple[str, str | None, Credentials | None]] = []
 
     def ec2(self, endpoint_url: str | None, credentials: Credentials | None) -> Any:
@@ -260,6 +297,14 @@ class FakeClients:
     def autoscaling(self, endpoint_url: str | None, credentials: Credentials | None) -> Any:
         self.made.append(("autoscaling", endpoint_url, credentials))
         return self.autoscaling_client
+
+    def cloudformation(self, endpoint_url: str | None, credentials: Credentials | None) -> Any:
+        self.made.append(("cloudformation", endpoint_url, credentials))
+        return self.cloudformation_client
+
+    def cloudwatch(self, endpoint_url: str | None, credentials: Credentials | None) -> Any:
+        self.made.append(("cloudwatch", endpoint_url, credentials))
+        return self.cloudwatch_client
 
 
 @dataclass
@@ -272,6 +317,8 @@ class Rig:
     netlink: FakeNetlink = field(default_factory=FakeNetlink)
     ec2: FakeEc2 = field(default_factory=FakeEc2)
     autoscaling: FakeAutoScaling = field(default_factory=FakeAutoScaling)
+    cloudformation: FakeReportApi = field(default_factory=FakeReportApi)
+    cloudwatch: FakeReportApi = field(default_factory=FakeReportApi)
     skip_pins: frozenset[str] = frozenset()
 
     def config(self, **overrides: Any) -> str:
@@ -300,7 +347,7 @@ class Rig:
             clock=self.clock,
             imds=self.imds,
             netlink=self.netlink.open,
-            clients=FakeClients(self.ec2, self.autoscaling),
+            clients=FakeClients(self.ec2, self.autoscaling, self.cloudformation, self.cloudwatch),
             journal=self.journal,
             skip_pins=self.skip_pins,
             rng=random.Random(7),

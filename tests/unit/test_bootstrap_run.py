@@ -240,12 +240,16 @@ def test_transient_errors_are_retried_with_backoff(rig: Rig, error: Exception) -
     assert rig.netlink.table == AL2023_TABLE
 
 
-def test_throttled_until_the_deadline_exits_75_restores_and_abandons(rig: Rig) -> None:
+def test_throttled_until_the_deadline_exits_75_restores_and_leaves_the_action_to_a_restart(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
     rig.ec2.errors["DescribeAddresses"] = [client_error("RequestLimitExceeded")] * 10_000
     assert rig.main(config=rig.config(deadline_seconds=30)) == 75
     assert sum(rig.clock.slept) < 30
     assert rig.netlink.table == AL2023_TABLE
-    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+    # Transient: systemd restarts the run, which may still succeed; ABANDON would forbid that.
+    assert rig.autoscaling.completed == []
+    assert "no ABANDON: a restarted run still fits in the hook's window" in capsys.readouterr().err
 
 
 def test_other_client_errors_are_not_retried(rig: Rig) -> None:
@@ -430,10 +434,20 @@ def test_no_lifecycle_hook_means_no_lifecycle_call(rig: Rig) -> None:
     assert rig.autoscaling.completed == []
 
 
-def test_lifecycle_failure_is_logged_not_fatal(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+def test_continue_that_never_gets_through_is_retried_until_the_deadline_then_75(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
     rig.autoscaling = FakeAutoScaling(error=EndpointConnectionError(endpoint_url="https://autoscaling"))
-    assert rig.main() == 0
-    assert "CONTINUE" in capsys.readouterr().err
+    calls: list[str] = []
+    rig.autoscaling.before_call = calls.append
+    assert rig.main(config=rig.config(deadline_seconds=60)) == 75
+    assert rig.ec2.address["InstanceId"] == SELF
+    assert rig.netlink.table == AL2023_TABLE
+    # Three quick tries through the detour, then over the Elastic IP until the deadline.
+    assert len(calls) > 3 and set(calls) == {"CONTINUE"}
+    err = capsys.readouterr().err
+    assert "report: CONTINUE through the detour: not sent after 3 attempt(s)" in err
+    assert "the address is held, but CONTINUE or the stack's signal could not be sent" in err
 
 
 def test_no_pending_lifecycle_action_is_not_a_warning(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
@@ -448,7 +462,7 @@ def test_no_pending_lifecycle_action_is_not_a_warning(rig: Rig, capsys: pytest.C
     assert "WARNING" not in err
 
 
-def test_lifecycle_uses_a_fresh_client_made_after_the_restore(rig: Rig) -> None:
+def test_continue_goes_through_the_detour_before_the_restore(rig: Rig) -> None:
     clients = rig.deps().clients
     order: list[str] = []
     rig.netlink.on_change = lambda command, route: order.append(command)
@@ -464,8 +478,7 @@ def test_lifecycle_uses_a_fresh_client_made_after_the_restore(rig: Rig) -> None:
 
     clients.autoscaling = tracking  # type: ignore[method-assign]
     assert main(["--config", rig.config()], deps=deps) == 0
-    assert order[-1] == "autoscaling-client"
-    assert order.index("autoscaling-client") > max(i for i, c in enumerate(order) if c == "delete")
+    assert order.index("autoscaling-client") < min(i for i, c in enumerate(order) if c == "delete")
 
 
 def test_lock_held_by_another_run_exits_75(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
@@ -538,14 +551,27 @@ def test_skip_pins_env_is_test_only_and_warned(
 ) -> None:
     rig.skip_pins = frozenset({"imds"})
     monkeypatch.setenv("EIP_RECLAIM_TEST_SKIP_PINS", "imds")
-    assert rig.main() == 0
+    assert rig.main(config=rig.config(test=True)) == 0
     assert all(r.dst != "169.254.169.254/32" for _, r in rig.netlink.calls)
     assert "TEST ONLY" in capsys.readouterr().err
 
 
+def test_skip_pins_env_is_ignored_outside_a_test_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Through the real command line (no injected deps): the switch must never reach production.
+    from bootstrap.cli import main
+
+    monkeypatch.setenv("EIP_RECLAIM_TEST_SKIP_PINS", "imds")
+    rig = Rig(tmp_path)
+    assert main(["--config", rig.config(), "--dry-run"], deps=rig.deps()) == 0
+    err = capsys.readouterr().err
+    assert "EIP_RECLAIM_TEST_SKIP_PINS ignored: test switches apply only to a test configuration" in err
+
+
 def test_unknown_skip_pin_name_is_a_configuration_error(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EIP_RECLAIM_TEST_SKIP_PINS", "imds,dsn")
-    assert rig.main() == 2
+    assert rig.main(config=rig.config(test=True)) == 2
     assert rig.netlink.calls == []
 
 
@@ -689,7 +715,7 @@ def test_verify_gives_up_after_three_reassociations_with_75(
     assert rig.ec2.calls.count("AssociateAddress") == 1 + 3
     assert rig.ec2.address["InstanceId"] == THIRD
     assert rig.netlink.table == AL2023_TABLE
-    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+    assert rig.autoscaling.completed == []  # transient, and a restart fits: no ABANDON
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"taken by {THIRD} after this instance associated it 4 times" in last and "(exit 75)" in last
 
@@ -731,14 +757,27 @@ def test_abandon_that_fails_through_the_detour_is_not_sent_again(
 
     assert at_call == ["10.0.0.4"]
     assert rig.netlink.table == AL2023_TABLE
-    assert "ABANDON for svc-asg/svc-launch not completed" in capsys.readouterr().err
+    assert "report: ABANDON through the detour: not sent after 1 attempt(s)" in capsys.readouterr().err
 
 
 def test_abandon_after_the_deadline_in_the_detour_goes_through_the_detour(rig: Rig) -> None:
     at_call: list[str | None] = []
     rig.autoscaling.before_call = lambda result: at_call.append(_default(rig).gateway)
     rig.ec2.errors["DescribeAddresses"] = [client_error("RequestLimitExceeded")] * 10_000
-    assert rig.main(config=rig.config(deadline_seconds=30)) == 75
+    # 600 s after boot, a 660 s hook: a restarted run would not fit in the window, so this one abandons.
+    assert (
+        rig.main(
+            config=rig.config(
+                deadline_seconds=30,
+                lifecycle_hook={
+                    "auto_scaling_group": "svc-asg",
+                    "hook": "svc-launch",
+                    "timeout_seconds": 660,
+                },
+            )
+        )
+        == 75
+    )
     assert at_call == ["10.0.0.4"]
     assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
 
@@ -748,23 +787,29 @@ def test_abandon_after_the_identity_guard_tripped_stays_best_effort_after_the_re
     at_call: list[str | None] = []
     rig.autoscaling.before_call = lambda result: at_call.append(_default(rig).gateway)
     rig.imds.later_instance_ids = ["i-0nat0000000000000"]
-    assert rig.main() == 75
+    assert (
+        rig.main(
+            config=rig.config(
+                lifecycle_hook={"auto_scaling_group": "svc-asg", "hook": "svc-launch", "timeout_seconds": 660}
+            )
+        )
+        == 75
+    )
     assert at_call == ["10.0.0.1"]
     assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
 
 
-def test_continue_is_still_sent_after_the_restore(rig: Rig) -> None:
+def test_continue_is_sent_through_the_detour_and_its_connection_closed_before_the_restore(rig: Rig) -> None:
     at_call: list[str | None] = []
     rig.autoscaling.before_call = lambda result: at_call.append(_default(rig).gateway)
+    rig.autoscaling.on_close = lambda: at_call.append(_default(rig).gateway)
     assert rig.main() == 0
-    assert at_call == ["10.0.0.1"]
-    assert rig.autoscaling.closes == 0
+    assert at_call == ["10.0.0.4", "10.0.0.4"]
 
 
 @pytest.mark.parametrize(
     "error",
     [
-        NoCredentialsError(),
         PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"),
         ParamValidationError(report="odd"),
     ],
@@ -803,9 +848,11 @@ def test_botocore_error_of_the_lifecycle_call_is_logged_not_fatal(
     rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rig.autoscaling = FakeAutoScaling(error=NoCredentialsError())
-    assert rig.main() == 0
-    assert "CONTINUE for svc-asg/svc-launch not completed: Unable to locate credentials" in (
-        capsys.readouterr().err
+    assert rig.main(config=rig.config(deadline_seconds=20)) == 75
+    assert rig.ec2.address["InstanceId"] == SELF
+    assert (
+        "report: CONTINUE through the detour: NoCredentialsError: Unable to locate credentials; retry 1"
+        in (capsys.readouterr().err)
     )
 
 

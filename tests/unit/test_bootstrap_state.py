@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import LockBusy, TransientError
-from bootstrap.state import DEFAULT_STATE_DIR, Journal, Lock, state_dir
+from bootstrap.state import DEFAULT_STATE_DIR, Journal, Lock, StateError, state_dir
 from tests.unit.test_bootstrap_fakes import FakeClock
 
 
@@ -40,7 +40,7 @@ def test_a_write_that_dies_before_the_rename_leaves_the_old_journal_whole(
         raise OSError("power cut")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="power cut"):
+    with pytest.raises(StateError, match="power cut"):
         journal.write({"plan": {"nat": "new"}})
     monkeypatch.undo()
     assert journal.read() == {"version": 1, "plan": {"nat": "old"}}
