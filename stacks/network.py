@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import Fn, RemovalPolicy, Stack
+from aws_cdk import CfnResource, Fn, ReferenceStrength, RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_logs as logs
 from constructs import Construct
@@ -103,6 +103,15 @@ class Network(Construct):
             traffic_type=ec2.FlowLogTrafficType.ALL,
         )
         self.public_subnets: list[ec2.ISubnet] = list(self.vpc.public_subnets)
+        # The subnets and the VPC that running services sit in are referenced strongly (exports):
+        # CloudFormation then refuses a network deploy that would replace them under a service, where a
+        # weak reference (the app's default, cdk.json) would let it through and leave the service's
+        # configuration naming subnets that no longer exist. The alert topic stays weak: switching to a
+        # team's own topic must not lock the network stack (docs/deploy.md, "Cross-stack references").
+        for held in [self.vpc, *self.public_subnets]:
+            resource = held.node.default_child
+            assert isinstance(resource, CfnResource)
+            resource.apply_cross_stack_reference_strength(ReferenceStrength.STRONG)
         self.nat_launch_failures = launch_failure_rule(
             self,
             "NatLaunchFailed",

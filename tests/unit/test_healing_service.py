@@ -250,10 +250,7 @@ def test_the_group_keeps_exactly_one_instance_over_the_public_subnet_of_every_az
     assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "2", "1")
     assert group["AutoScalingGroupName"] == "EipReclaim-web"
     network = app.template_json(app.network)
-    zone_outputs = [
-        network["Outputs"][ref["Fn::GetStackOutput"]["OutputName"]]["Value"]
-        for ref in group["VPCZoneIdentifier"]
-    ]
+    zone_outputs = [exported_value(network, ref) for ref in group["VPCZoneIdentifier"]]
     public = [
         {"Ref": logical_id}
         for logical_id, r in network["Resources"].items()
@@ -294,6 +291,44 @@ def test_the_hook_window_covers_the_boot_a_run_and_one_retry() -> None:
     assert HOOK_HEARTBEAT.to_seconds() <= 900
 
 
+def exported_value(network: dict[str, Any], reference: dict[str, Any]) -> Any:
+    """The network output a strong reference (Fn::ImportValue of its export) names."""
+    (name,) = [
+        k
+        for k, o in network["Outputs"].items()
+        if o.get("Export", {}).get("Name") == reference["Fn::ImportValue"]
+    ]
+    return network["Outputs"][name]["Value"]
+
+
+def test_the_network_is_referenced_strongly_and_the_topic_weakly(
+    app: Synthesized, template: Template
+) -> None:
+    # A network deploy that would replace the VPC or a subnet under a running service fails on the
+    # export lock; the topic may change (to a team's own) without locking the network stack.
+    body = json.dumps(template.to_json())
+    network = app.template_json(app.network)
+    exported = {o["Value"]["Ref"] for o in network["Outputs"].values() if "Export" in o}
+    subnets_and_vpc = {k for k, r in network["Resources"].items() if r["Type"] == "AWS::EC2::VPC"} | {
+        k
+        for k, r in network["Resources"].items()
+        if r["Type"] == "AWS::EC2::Subnet"
+        and {"Key": "aws-cdk:subnet-type", "Value": "Public"} in r["Properties"]["Tags"]
+    }
+    assert exported == subnets_and_vpc
+    assert body.count("Fn::ImportValue") >= 3
+    assert all("Topic" in ref["OutputName"] for ref in _stack_outputs(template.to_json()))
+
+
+def _stack_outputs(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        found = [value["Fn::GetStackOutput"]] if "Fn::GetStackOutput" in value else []
+        return found + [r for v in value.values() for r in _stack_outputs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _stack_outputs(v)]
+    return []
+
+
 def render(value: Any, network: dict[str, Any]) -> str:
     """A template expression as the deploy would render it, with stand-ins for region, ids and imports."""
     if isinstance(value, str):
@@ -314,8 +349,8 @@ def render(value: Any, network: dict[str, Any]) -> str:
         return text
     if value == {"Fn::GetAtt": [ELASTIC_IP_LOGICAL_ID, "AllocationId"]}:
         return ALLOCATION
-    if "Fn::GetStackOutput" in value:
-        exported = network["Outputs"][value["Fn::GetStackOutput"]["OutputName"]]["Value"]
+    if "Fn::ImportValue" in value:
+        exported = exported_value(network, value)
         return f"subnet-{exported['Ref']}"
     raise AssertionError(f"unexpected expression in user data: {value}")
 
