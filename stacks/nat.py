@@ -463,8 +463,9 @@ def in_service_alarm(
         evaluation_periods=5,
         threshold=1,
         comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
-        # The group reports 0 when it has none; no data at all is a missing group, also worth a look.
-        treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
+        # The group reports 0 when it has none. No data means no group yet (a first deploy, before its
+        # metrics start): keep the state rather than page about a group that is still being created.
+        treat_missing_data=cloudwatch.TreatMissingData.MISSING,
         alarm_description=f"No in-service instance for {what} for 5 minutes (README: runbook)",
     )
     if topic is not None:
