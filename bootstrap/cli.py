@@ -15,6 +15,7 @@ from bootstrap.errors import EXIT_CONFIG, EXIT_TEMPFAIL, ConfigError, ReclaimErr
 LOG = logging.getLogger("bootstrap")
 
 SKIP_PINS_ENV = "EIP_RECLAIM_TEST_SKIP_PINS"
+UPTIME_ENV = "EIP_RECLAIM_TEST_UPTIME"
 
 
 class ElapsedFormatter(logging.Formatter):
@@ -65,6 +66,16 @@ def parse_skip_pins(value: Optional[str]) -> frozenset[str]:
     return names
 
 
+def parse_uptime(value: Optional[str]) -> Optional[float]:
+    """Seconds since a pretended boot, for tests whose host booted long ago (the ABANDON window)."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{UPTIME_ENV}: {value!r} is not a number of seconds") from None
+
+
 def main(argv: Optional[Sequence[str]] = None, *, deps: Optional[object] = None) -> int:
     """Run the payload; return the exit code. `deps` (a reclaim.Deps) replaces the real world in tests."""
     try:
@@ -93,17 +104,19 @@ def _main(args: argparse.Namespace, injected: Optional[object]) -> int:
 
     config = load_config(args.config)
     skip_pins = frozenset[str]()
-    if os.environ.get(SKIP_PINS_ENV):
-        if config.test:
-            skip_pins = parse_skip_pins(os.environ[SKIP_PINS_ENV])
-        else:
-            LOG.warning("%s ignored: test switches apply only to a test configuration", SKIP_PINS_ENV)
+    uptime: Optional[float] = None
+    for name in (SKIP_PINS_ENV, UPTIME_ENV):
+        if os.environ.get(name) and not config.test:
+            LOG.warning("%s ignored: test switches apply only to a test configuration", name)
+    if config.test:
+        skip_pins = parse_skip_pins(os.environ.get(SKIP_PINS_ENV))
+        uptime = parse_uptime(os.environ.get(UPTIME_ENV))
     if isinstance(injected, reclaim.Deps):
         deps = injected
         deadline = Deadline(deps.clock, config.deadline_seconds)
     else:
         disable_imds_v1()
-        clock = SystemClock()
+        clock = SystemClock(uptime)
         deadline = Deadline(clock, config.deadline_seconds)
         clients = ClientFactory(config.region)
         deps = reclaim.Deps(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Optional, Protocol
 
 from bootstrap.errors import DeadlineExceeded
 from bootstrap.interrupts import interruptible
@@ -20,10 +20,17 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    def __init__(self, uptime_at_start: Optional[float] = None) -> None:
+        # Tests on a long-running host pretend a boot this many seconds ago (EIP_RECLAIM_TEST_UPTIME).
+        self._pretend = None if uptime_at_start is None else (uptime_at_start, time.monotonic())
+
     def monotonic(self) -> float:
         return time.monotonic()
 
     def uptime(self) -> float:
+        if self._pretend is not None:
+            start_uptime, started = self._pretend
+            return start_uptime + time.monotonic() - started
         # CLOCK_BOOTTIME counts from boot and, unlike CLOCK_MONOTONIC, through suspend.
         return time.clock_gettime(time.CLOCK_BOOTTIME)
 

@@ -120,6 +120,8 @@ class World:
             "AWS_CONFIG_FILE": "/dev/null",
             "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
             "PYTHONDONTWRITEBYTECODE": "1",
+            # Ten minutes after boot, whenever this host booted: the first boot's IAM grace is over.
+            "EIP_RECLAIM_TEST_UPTIME": "600",
         }
         env.update(extra)
         return env

@@ -386,3 +386,19 @@ def test_an_already_held_address_publishes_no_heal(rig: Rig) -> None:
     rig.ec2.address["InstanceId"] = SELF
     assert rig.main(config=rig.config(metrics=METRICS)) == 0
     assert rig.cloudwatch.calls == []
+
+
+def test_the_pretended_uptime_is_a_test_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bootstrap.cli import main, parse_uptime
+    from bootstrap.clock import SystemClock
+
+    assert parse_uptime("600") == 600.0
+    assert SystemClock(600.0).uptime() == pytest.approx(600.0, abs=1.0)
+    monkeypatch.setenv("EIP_RECLAIM_TEST_UPTIME", "12")
+    rig = Rig(tmp_path)
+    assert main(["--config", rig.config(), "--dry-run"], deps=rig.deps()) == 0
+    assert "EIP_RECLAIM_TEST_UPTIME ignored" in capsys.readouterr().err
+    monkeypatch.setenv("EIP_RECLAIM_TEST_UPTIME", "soon")
+    assert main(["--config", rig.config(test=True), "--dry-run"], deps=rig.deps()) == 2
