@@ -188,6 +188,14 @@ echo "eip-reclaim-nat: forwarding for the VPC at $$ADDRESS"
 """
 )
 
+
+def nat_boot_script(*, env_file: str = ENV_FILE, network_script: str = NETWORK_SCRIPT) -> str:
+    """The boot unit's script (bash); the paths are parameters only so that a test can run it elsewhere."""
+    return _BOOT_SCRIPT.substitute(
+        env_file=env_file, network_script=network_script, device_index=STABLE_DEVICE_INDEX
+    )
+
+
 _UNIT = f"""\
 [Unit]
 Description=eip-reclaim NAT: forwarding, packet filter and the stable interface, at every boot
@@ -226,9 +234,7 @@ def nat_commands(
             f"RESOURCE={resource}",
         ]
     )
-    boot = _BOOT_SCRIPT.substitute(
-        env_file=ENV_FILE, network_script=NETWORK_SCRIPT, device_index=STABLE_DEVICE_INDEX
-    )
+    boot = nat_boot_script()
     return [
         "set -euo pipefail",
         "mkdir -p /etc/eip-reclaim",
