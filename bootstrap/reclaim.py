@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -237,8 +239,14 @@ def _plan(deps: Deps, netlink: Netlink, identity: Identity, nat: str) -> DetourP
 def _detour_and_claim(run: _Run, nat: str) -> tuple[Outcome, bool]:
     """Detour, claim and report through the detour, restore; (outcome, everything reported)."""
     deps, identity = run.deps, run.identity
+    api = _api_address(run.config)
     with deps.netlink() as netlink:
         plan = _plan(deps, netlink, identity, nat)
+
+        def check_path() -> None:
+            src = routes.source_address(netlink, plan)
+            routes.check_path(netlink, dst=api, src=src, expected_gateway=nat, ifindex=plan.ifindex)
+
         try:
             # Inside the try: an interrupt right after the write still restores (a no-op then) and
             # removes the journal; the first route change comes only after the write.
@@ -259,10 +267,12 @@ def _detour_and_claim(run: _Run, nat: str) -> tuple[Outcome, bool]:
             netlink.replace(plan.detour)
             LOG.info("routes: default route now via NAT %s (metric %d)", nat, plan.detour.priority)
             _guard_identity(deps.imds, identity.instance_id)
+            check_path()
 
             def before_attempt() -> None:
                 if routes.assert_detour(netlink, plan):
                     LOG.warning("routes: default route was changed under the detour; detour re-asserted")
+                    check_path()
 
             try:
                 outcome = run.claim(before_attempt)
@@ -278,6 +288,21 @@ def _detour_and_claim(run: _Run, nat: str) -> tuple[Outcome, bool]:
             restore_and_forget(netlink, plan, deps.journal, deps.interrupts)
             LOG.info("routes: restored as journaled; journal removed")
     return outcome, reported
+
+
+def _api_address(config: Config) -> str:
+    """The EC2 endpoint's IPv4 address, resolved before the detour, for the path check.
+
+    Through the process's bounded resolver (cli installs it): a hung lookup neither holds a stop nor
+    outlasts its timeout.
+    """
+    host = urllib.parse.urlsplit(config.ec2_endpoint_url).hostname if config.ec2_endpoint_url else None
+    host = host or f"ec2.{config.region}.amazonaws.com"
+    try:
+        found = socket.getaddrinfo(host, 443, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as err:
+        raise TransientError(f"dns: cannot resolve the EC2 endpoint {host}: {err}") from None
+    return str(found[0][4][0])
 
 
 def _close_connections(client: object) -> None:
@@ -316,6 +341,8 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         _check_journal(deps.journal)
         with deps.netlink() as netlink:
             recover(netlink, deps.journal)
+    with deps.netlink() as netlink:
+        routes.repair_leftover_detour(netlink, nats=config.nat_by_subnet.values())
     identity = deps.imds.identity()
     LOG.info(
         "imds: instance %s in %s (%s), VPC %s, public IPv4 %s",

@@ -7,7 +7,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 from bootstrap.errors import ConfigError, TransientError
 
@@ -22,6 +22,13 @@ RTPROT_STATIC = 4
 PROTOCOL_NAMES = {2: "kernel", 3: "boot", 4: "static", 16: "dhcp", 18: "keepalived", 186: "bgp"}
 # The only rtm_flags bit that describes a route rather than a dump: a gateway taken as on-link.
 RTNH_F_ONLINK = 4
+# RTM_GETROUTE: have the answer name the table the route was found in (without it, it always says main).
+RTM_F_LOOKUP_TABLE = 0x1000
+# Routing rules: the action "lookup TABLE", and the `not` flag.
+FR_ACT_TO_TBL = 1
+FIB_RULE_INVERT = 2
+ALL_BITS = 0xFFFFFFFF
+TABLE_NAMES = {255: "local", 254: "main", 253: "default"}
 
 DEFAULT = "0.0.0.0/0"
 # The link-local services that must keep answering for *this* instance during the detour: through the
@@ -33,10 +40,20 @@ LINK_LOCAL_PINS = {
 }
 PIN_NAMES = ("imds", "dns", "time", "vpc")
 UNSUPPORTED_ATTRIBUTES = ("RTA_MULTIPATH", "RTA_NH_ID", "RTA_ENCAP", "RTA_VIA")
+# A route metric's value: a number, except RTAX_CC_ALGO (`congctl cubic`), which the kernel gives by name.
+MetricValue = Union[int, str]
 
 
 class RouteError(TransientError):
     """The kernel refused a route change."""
+
+
+class DetourBypassed(TransientError):
+    """The kernel would send the API connection another way than through the NAT (a rule or a route)."""
+
+
+def table_name(table: int) -> str:
+    return TABLE_NAMES.get(table, str(table))
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,7 @@ class Route:
     table: int = MAIN_TABLE
     type: int = RTN_UNICAST
     flags: int = 0
-    metrics: tuple[tuple[str, int], ...] = field(default=())
+    metrics: tuple[tuple[str, MetricValue], ...] = field(default=())
     # Attributes this payload cannot write back (multipath next hops, nexthop objects, encapsulation):
     # such a route is never replaced, because it could not be restored exactly.
     unsupported: tuple[str, ...] = field(default=())
@@ -73,9 +90,66 @@ class Route:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Route:
         values = dict(data)
-        values["metrics"] = tuple((str(name), int(value)) for name, value in values.get("metrics", ()))
+        values["metrics"] = tuple((str(name), _metric(value)) for name, value in values.get("metrics", ()))
         values["unsupported"] = tuple(str(name) for name in values.get("unsupported", ()))
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One IPv4 routing rule, as far as the path check needs it (`ip rule` words in `describe`)."""
+
+    priority: int
+    table: int
+    src: Optional[str] = None  # a prefix; None: from all
+    fwmark: Optional[int] = None
+    fwmask: int = ALL_BITS
+    action: int = FR_ACT_TO_TBL
+    invert: bool = False
+    # Selectors this payload does not evaluate (iif, oif, to, uidrange, ports...), in `ip rule` words.
+    other: tuple[str, ...] = ()
+
+    def may_match(self, src: Optional[str], mark: int) -> bool:
+        """Whether a locally made connection from `src` with `mark` matches (unevaluated selectors: yes)."""
+        if self.other:
+            return True
+        hit = True
+        if self.src is not None:
+            hit = src is not None and ipaddress.IPv4Address(src) in ipaddress.IPv4Network(self.src)
+        if self.fwmark is not None:
+            hit = hit and (mark ^ self.fwmark) & self.fwmask == 0
+        return hit != self.invert
+
+    def describe(self) -> str:
+        words = ["not"] if self.invert else []
+        source = self.src[:-3] if self.src and self.src.endswith("/32") else self.src
+        words += ["from", source or "all"]
+        if self.fwmark is not None:
+            words += [
+                "fwmark",
+                f"{self.fwmark:#x}" + (f"/{self.fwmask:#x}" if self.fwmask != ALL_BITS else ""),
+            ]
+        words += list(self.other)
+        words += (
+            ["lookup", table_name(self.table)] if self.action == FR_ACT_TO_TBL else [f"action {self.action}"]
+        )
+        return f"rule {self.priority}: {' '.join(words)}"
+
+
+@dataclass(frozen=True)
+class PathLookup:
+    """The kernel's answer to "which way would a connection to dst go" (RTM_GETROUTE)."""
+
+    gateway: Optional[str]
+    oif: Optional[int]
+    table: int
+    # The source address the connection would use.
+    prefsrc: Optional[str] = None
+
+
+def _metric(value: Any) -> MetricValue:
+    """A metric as journaled and compared: the congestion control by name, every other one a number."""
+    return value if isinstance(value, str) else int(value)
 
 
 class Netlink(Protocol):
@@ -92,6 +166,30 @@ class Netlink(Protocol):
     def replace(self, route: Route) -> None: ...
 
     def delete(self, route: Route) -> bool: ...
+
+    def addresses(self, ifindex: int) -> list[str]:
+        """The interface's IPv4 addresses as address/prefix length, primary first."""
+        ...
+
+    def route_get(self, dst: str, src: Optional[str] = None, mark: Optional[int] = None) -> PathLookup:
+        """The path the kernel would give a connection to `dst` made here (`ip route get`)."""
+        ...
+
+    def rules(self) -> list[Rule]:
+        """The IPv4 routing rules, by priority."""
+        ...
+
+
+# Rule selectors the path check does not evaluate, and their `ip rule` words.
+_RULE_SELECTORS = (
+    ("FRA_IIFNAME", "iif"),
+    ("FRA_OIFNAME", "oif"),
+    ("FRA_UID_RANGE", "uidrange"),
+    ("FRA_IP_PROTO", "ipproto"),
+    ("FRA_SPORT_RANGE", "sport"),
+    ("FRA_DPORT_RANGE", "dport"),
+    ("FRA_L3MDEV", "l3mdev"),
+)
 
 
 class PyRoute2Netlink:
@@ -120,11 +218,63 @@ class PyRoute2Netlink:
                     table=msg.get("RTA_TABLE") or msg["table"],
                     type=msg["type"],
                     flags=msg["flags"] & RTNH_F_ONLINK,
-                    metrics=tuple((str(k), int(v)) for k, v in metrics["attrs"]) if metrics else (),
+                    metrics=tuple((str(k), _metric(v)) for k, v in metrics["attrs"]) if metrics else (),
                     unsupported=tuple(a for a in UNSUPPORTED_ATTRIBUTES if msg.get(a) is not None),
                 )
             )
         return result
+
+    def addresses(self, ifindex: int) -> list[str]:
+        found = self._ipr.get_addr(family=AF_INET, index=ifindex)
+        return [f"{m.get('IFA_LOCAL') or m.get('IFA_ADDRESS')}/{m['prefixlen']}" for m in found]
+
+    def route_get(self, dst: str, src: Optional[str] = None, mark: Optional[int] = None) -> PathLookup:
+        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 (imported with pyroute2)
+
+        spec: dict[str, Any] = {"dst": dst, "flags": RTM_F_LOOKUP_TABLE}
+        if src is not None:
+            spec["src"] = src
+        if mark is not None:
+            spec["mark"] = mark
+        try:
+            msg = self._ipr.route("get", **spec)[0]
+        except NetlinkError as err:
+            raise RouteError(f"routes: get {dst}: {err}") from err
+        return PathLookup(
+            gateway=msg.get("RTA_GATEWAY"),
+            oif=msg.get("RTA_OIF"),
+            table=msg.get("RTA_TABLE") or msg["table"],
+            prefsrc=msg.get("RTA_PREFSRC") or msg.get("RTA_SRC"),
+        )
+
+    def rules(self) -> list[Rule]:
+        result = []
+        for msg in self._ipr.get_rules(family=AF_INET):
+            other = [
+                f"{word} {msg.get(attr)}"
+                for attr, word in _RULE_SELECTORS
+                if msg.get(attr) not in (None, "", 0)
+            ]
+            if msg["dst_len"]:
+                other.insert(0, f"to {msg.get('FRA_DST')}/{msg['dst_len']}")
+            if msg["tos"]:
+                other.append(f"tos {msg['tos']:#x}")
+            fwmark, fwmask = msg.get("FRA_FWMARK"), msg.get("FRA_FWMASK")
+            if fwmark is None and fwmask is not None:
+                fwmark = 0  # `fwmark 0/MASK`: the kernel leaves out a mark of 0, not its mask
+            result.append(
+                Rule(
+                    priority=msg.get("FRA_PRIORITY") or 0,
+                    table=msg.get("FRA_TABLE") or msg["table"],
+                    src=f"{msg.get('FRA_SRC')}/{msg['src_len']}" if msg["src_len"] else None,
+                    fwmark=fwmark,
+                    fwmask=ALL_BITS if fwmask is None else fwmask,
+                    action=msg["action"],
+                    invert=bool(msg["flags"] & FIB_RULE_INVERT),
+                    other=tuple(other),
+                )
+            )
+        return sorted(result, key=lambda r: r.priority)
 
     def _spec(self, route: Route) -> dict[str, Any]:
         spec: dict[str, Any] = {
@@ -255,6 +405,11 @@ def plan_detour(
     kept = tuple(dst for dst in unique if dst in existing)
     defaults = _defaults(table)
     for route in defaults:
+        if route.gateway == nat:
+            raise RouteError(
+                f"routes: default route {route.describe()} already goes via the NAT: it is a detour, not "
+                "the original to journal; no change made"
+            )
         if route.unsupported:
             raise RouteError(
                 f"routes: default route {route.describe()} has {', '.join(route.unsupported)}, which this "
@@ -270,6 +425,60 @@ def plan_detour(
     else:
         detour = Route(dst=DEFAULT, gateway=nat, oif=ifindex, proto=RTPROT_STATIC)
     return DetourPlan(ifindex, router, nat, tuple(defaults), detour, pins, kept)
+
+
+def repair_leftover_detour(netlink: Netlink, *, nats: Iterable[str]) -> list[Route]:
+    """Put a default route via a NAT back via the VPC router; return the routes put back.
+
+    With its journal gone (removed, or /run lost), a detour is not recognised as one: the next run would
+    journal it as the original and "restore" it, and the instance's replies to its Elastic IP would leave
+    through the NAT. A default route via a NAT of this configuration is never the instance's own, so it
+    gets the router as gateway, with everything else (protocol, source, metric, route metrics) kept.
+    This runs before IMDS is read (through the NAT, IMDS answers with the NAT's identity), so the router
+    is found from the interface: base + 1 of its subnet that holds the NAT.
+    The table is never without a default route: the NAT route is swapped in place, or the router route
+    is appended before the NAT one is deleted.
+    """
+    nat_addresses = set(nats)
+    repaired: list[Route] = []
+    while True:
+        defaults = _defaults(netlink.routes(MAIN_TABLE))
+        leftover = next((r for r in defaults if r.gateway in nat_addresses), None)
+        if leftover is None:
+            return repaired
+        router = _router_for(netlink, leftover)
+        fixed = replace(leftover, gateway=router)
+        if fixed in repaired:
+            raise RouteError(f"routes: {leftover.describe()} is still there after it was put back")
+        LOG.warning(
+            "routes: %s is a detour via a NAT that no journal accounts for; putting it back via the VPC "
+            "router %s",
+            leftover.describe(),
+            router,
+        )
+        group = [r for r in defaults if _same_key(r, leftover)]
+        if fixed in group:
+            netlink.delete(leftover)
+        elif group[0] == leftover:
+            netlink.replace(fixed)
+        else:
+            # A replace would swap the group's first route, which is not the leftover.
+            netlink.append(fixed)
+            netlink.delete(leftover)
+        repaired.append(fixed)
+
+
+def _router_for(netlink: Netlink, route: Route) -> str:
+    """The VPC router of the subnet that holds the route's gateway, on the route's interface."""
+    gateway = ipaddress.IPv4Address(route.gateway)
+    for address in netlink.addresses(route.oif) if route.oif is not None else []:
+        network = ipaddress.IPv4Interface(address).network
+        if gateway in network:
+            return vpc_router(str(network))
+    raise RouteError(
+        f"routes: {route.describe()} goes via a NAT, but no address of its interface is in the NAT's "
+        "subnet, so the VPC router to put it back on is unknown; no change made"
+    )
 
 
 def apply_pins(netlink: Netlink, plan: DetourPlan) -> DetourPlan:
@@ -300,7 +509,7 @@ def _via_nat(route: Route, plan: DetourPlan) -> bool:
 
 
 def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
-    """Put the detour (back) in place; True if it had to be changed (a DHCP client re-added its route).
+    """Put the detour and the pins (back) in place; True if anything had to be (a lease renewal's work).
 
     The kernel keeps routes of one (dst, metric) in an ordered group and uses the first; for default
     routes it may also move on to a later one of the same metric when the first gateway's neighbour
@@ -312,6 +521,9 @@ def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
       puts it back exactly (and the detour remains meanwhile: never a moment without a default route).
     Other routes (same-metric default routes that existed before the run, a route this run did not
     journal) are someone else's and left alone; one ahead of the detour is logged.
+
+    The pins come first: a DHCP client that flushes and re-adds its routes on a lease renewal takes them
+    away too, and without them IMDS, DNS and time would answer through the NAT.
     """
     detour = plan.detour
     replaced = plan.default_routes[0] if plan.default_routes else None
@@ -319,7 +531,7 @@ def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
     def group() -> list[Route]:
         return [r for r in _defaults(netlink.routes(MAIN_TABLE)) if _same_key(r, detour)]
 
-    changed = False
+    changed = _reassert_pins(netlink, plan)
     if detour not in group():
         # Not present: the replace swaps the group's first route (or adds the detour to an empty group);
         # no EEXIST, since no identical route is in the group.
@@ -333,6 +545,26 @@ def assert_detour(netlink: Netlink, plan: DetourPlan) -> bool:
     best = _defaults(netlink.routes(MAIN_TABLE))
     if best and best[0] != detour:
         LOG.warning("routes: %s is ahead of the detour and not this run's; left alone", best[0].describe())
+    return changed
+
+
+def _reassert_pins(netlink: Netlink, plan: DetourPlan) -> bool:
+    """Add back the pins of this run that have vanished; True if any was."""
+    table = netlink.routes(MAIN_TABLE)
+    changed = False
+    for pin in plan.pins:
+        if pin in table:
+            continue
+        try:
+            netlink.add(pin)
+        except RouteError as err:
+            if getattr(err.__cause__, "code", None) != errno.EEXIST:
+                raise
+            # A route of the same key took its place (the DHCP client's own): theirs, left alone.
+            LOG.warning("routes: pin %s vanished and another route took its place; left alone", pin.dst)
+            continue
+        LOG.warning("routes: pin %s had vanished during the detour; added back", pin.describe())
+        changed = True
     return changed
 
 
@@ -423,3 +655,77 @@ def restore(netlink: Netlink, plan: DetourPlan) -> None:
     problems = differences(netlink, plan)
     if problems:
         raise RouteError(f"routes: not restored as journaled: {'; '.join(problems + failures)}")
+
+
+def source_address(netlink: Netlink, plan: DetourPlan) -> Optional[str]:
+    """The primary address of the detour's interface: the detour's source, else its first IPv4 address."""
+    if plan.detour.prefsrc:
+        return plan.detour.prefsrc
+    found = netlink.addresses(plan.ifindex)
+    return found[0].split("/")[0] if found else None
+
+
+def _longest_match(routes: Iterable[Route], dst: str) -> Optional[Route]:
+    address = ipaddress.IPv4Address(dst)
+    candidates = [r for r in routes if r.type == RTN_UNICAST and address in ipaddress.IPv4Network(r.dst)]
+    # Longest prefix, then lowest metric; sorted() is stable, so the first of a group stays first.
+    ranked = sorted(candidates, key=lambda r: (-ipaddress.IPv4Network(r.dst).prefixlen, r.priority))
+    return ranked[0] if ranked else None
+
+
+def _why(netlink: Netlink, path: PathLookup, dst: str, src: Optional[str], mark: Optional[int]) -> str:
+    """The rule and the route that give the path, in `ip` words, as far as they can be told."""
+    reasons = []
+    rule = next(
+        (
+            r
+            for r in netlink.rules()
+            if r.action == FR_ACT_TO_TBL and r.table == path.table and r.may_match(src, mark or 0)
+        ),
+        None,
+    )
+    reasons.append(rule.describe() if rule else f"table {table_name(path.table)}")
+    route = _longest_match(netlink.routes(path.table), dst)
+    if route is not None:
+        reasons.append(f"route {route.describe()} table {table_name(path.table)}")
+    return "; ".join(reasons)
+
+
+def check_path(
+    netlink: Netlink,
+    *,
+    dst: str,
+    src: Optional[str],
+    mark: Optional[int] = None,
+    expected_gateway: str,
+    ifindex: int,
+) -> None:
+    """Ask the kernel which next hop the API connection takes; raise DetourBypassed unless the expected one.
+
+    A source rule ahead of main (amazon-ec2-net-utils' per-interface tables, an operator's), more
+    specific routes (a VPN's 0.0.0.0/1 and 128.0.0.0/1) or a mark rule can send the connection another
+    way than the detour: then every attempt would time out until the deadline. `mark` is for strategies
+    that mark their sockets.
+    """
+    try:
+        path = netlink.route_get(dst, src=src, mark=mark)
+    except RouteError as err:
+        raise DetourBypassed(
+            f"routes: the API connection to {dst} has no route ({err}), not the NAT {expected_gateway}; "
+            "restoring"
+        ) from None
+    if path.gateway == expected_gateway and path.oif == ifindex:
+        LOG.info(
+            "routes: the API connection to %s leaves via %s (table %s)",
+            dst,
+            expected_gateway,
+            table_name(path.table),
+        )
+        return
+    where = f"via {path.gateway}" if path.gateway else "directly (no gateway)"
+    if path.oif != ifindex:
+        where += f" on interface index {path.oif}"
+    raise DetourBypassed(
+        f"routes: the API connection to {dst} would leave {where} ({_why(netlink, path, dst, src, mark)}), "
+        f"not the NAT {expected_gateway}; restoring"
+    )

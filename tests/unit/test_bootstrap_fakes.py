@@ -21,9 +21,9 @@ from typing import Any, Callable
 import pytest
 from botocore.exceptions import ClientError
 
-from bootstrap import reclaim
+from bootstrap import reclaim, routes
 from bootstrap.imds import Credentials, Identity, ImdsError
-from bootstrap.routes import Route, RouteError
+from bootstrap.routes import PathLookup, Route, RouteError, Rule
 from bootstrap.state import Journal
 
 SELF = "i-0123456789abcdef0"
@@ -85,6 +85,9 @@ class FakeNetlink:
     def __init__(self, table: list[Route] | None = None, links: dict[str, int] | None = None) -> None:
         self.table = list(AL2023_TABLE if table is None else table)
         self.links = {MAC: IFINDEX} if links is None else links
+        self.interface_addresses: dict[int, list[str]] = {IFINDEX: ["10.0.0.10/24"]}
+        # The kernel's three rules of a fresh namespace; tests add theirs.
+        self.rule_list: list[Rule] = [Rule(0, 255), Rule(32766, 254), Rule(32767, 253)]
         self.calls: list[tuple[str, Route]] = []
         self.fail_on: dict[str, int] = {}
         self.on_change: Callable[[str, Route], None] = lambda command, route: None
@@ -94,6 +97,24 @@ class FakeNetlink:
 
     def routes(self, table: int) -> list[Route]:
         return [r for r in self.table if r.table == table]
+
+    def addresses(self, ifindex: int) -> list[str]:
+        return list(self.interface_addresses.get(ifindex, []))
+
+    def rules(self) -> list[Rule]:
+        return sorted(self.rule_list, key=lambda r: r.priority)
+
+    def route_get(self, dst: str, src: str | None = None, mark: int | None = None) -> PathLookup:
+        """Rules by priority (from, fwmark, not), then the longest prefix in the rule's table."""
+        for rule in self.rules():
+            if rule.other or not rule.may_match(src, mark or 0):
+                continue
+            found = routes._longest_match(self.routes(rule.table), dst)
+            if found is not None:
+                return PathLookup(found.gateway, found.oif, rule.table, src or found.prefsrc)
+        err = RouteError(f"routes: get {dst}: errno {errno.ENETUNREACH}")
+        err.__cause__ = _FakeNetlinkError(errno.ENETUNREACH)
+        raise err
 
     def _record(self, command: str, route: Route) -> None:
         self.calls.append((command, route))
