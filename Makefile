@@ -11,11 +11,12 @@ export CDK_DISABLE_CLI_TELEMETRY := true
 export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 
 STAMP := $(VENV)/.installed
+CHECKOV_STAMP := $(VENV)/checkov/.installed
 
 .PHONY: setup synth test lint unit lab-test lab bench clean
 .DEFAULT_GOAL := synth
 
-setup: $(STAMP)
+setup: $(STAMP) $(CHECKOV_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@echo "==> creating $(VENV) and installing pinned dependencies"
@@ -24,6 +25,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@echo "==> installing the CDK CLI $(CDK_CLI_VERSION) with the venv's Node.js $$($(VENV)/bin/node --version)"
 	$(VENV)/bin/npm install --global --prefix $(VENV) --no-fund --no-audit --loglevel=error aws-cdk@$(CDK_CLI_VERSION)
+	@touch $@
+
+# checkov pins boto3 and packaging against requirements-dev.txt: it gets a venv of its own, which
+# tests/unit/test_checks.py runs on every synthesized template.
+$(CHECKOV_STAMP): requirements-checkov.txt $(STAMP)
+	@echo "==> installing checkov into $(VENV)/checkov"
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet --disable-pip-version-check -r requirements-checkov.txt
 	@touch $@
 
 ## synth: set up, then synthesize every stack of the embedded default configuration into cdk.out/

@@ -33,7 +33,8 @@ def build(app: App, config: AppConfig, *, checks: bool = True, bundle: BundleInf
         app,
         f"{config.stack_prefix}-Network",
         config=config.network,
-        description="eip-reclaim: VPC, NAT instances at stable addresses, S3 endpoint, flow logs",
+        alarm_topic_arn=config.alarm_topic_arn,
+        description="eip-reclaim: VPC, NAT instances at stable addresses, S3 endpoint, flow logs, alerts",
     )
     services = []
     for service in config.services:

@@ -26,8 +26,9 @@ DEFAULT_OUT_DIR = REPO_ROOT / "build"
 
 # Amazon Linux 2023's system python3.
 DEFAULT_PYTHON_VERSION = "3.9"
-# The only AWS APIs the payload calls; every other botocore model is dead weight (about 20 MB zipped).
-KEPT_SERVICES: tuple[str, ...] = ("ec2", "autoscaling")
+# The only AWS APIs the payload calls (CloudWatch's endpoint prefix is "monitoring", its model directory
+# "cloudwatch"); every other botocore model is dead weight (about 20 MB zipped).
+KEPT_SERVICES: tuple[str, ...] = ("ec2", "autoscaling", "cloudformation", "cloudwatch")
 # Where the units sit inside the bundle: a name that is not a Python identifier, so the directory can
 # never shadow an importable package on PYTHONPATH.
 UNITS_ARCDIR = "systemd-units"

@@ -32,6 +32,8 @@ _MAX_AZS = 6
 # and the payload's code keeps to 3.9 (vermin in `make lint`), so nothing older.
 DEFAULT_PAYLOAD_PYTHON = "3.9"
 _PYTHON_VERSION = re.compile(r"^3\.(9|[1-9][0-9])$")
+# An SNS topic ARN in any partition: arn:<partition>:sns:<region>:<12-digit account>:<name>.
+_TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z]{2}(-[a-z]+)+-\d+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,8 @@ class AppConfig:
     network: NetworkConfig
     services: tuple[ServiceConfig, ...]
     payload_python_version: str = DEFAULT_PAYLOAD_PYTHON
+    # The team's own SNS topic for the alarms; None: the app creates one (encrypted) in the network stack.
+    alarm_topic_arn: str | None = None
 
 
 def is_graviton(instance_type: str) -> bool:
@@ -112,7 +116,7 @@ def parse(raw: object) -> AppConfig:
         raw,
         CONTEXT_KEY,
         required=set(),
-        optional={"stack_prefix", "network", "services", "payload_python_version"},
+        optional={"stack_prefix", "network", "services", "payload_python_version", "alarm_topic_arn"},
     )
     prefix = _string(top.get("stack_prefix", "EipReclaim"), "stack_prefix")
     if not _STACK_PREFIX.match(prefix):
@@ -133,7 +137,18 @@ def parse(raw: object) -> AppConfig:
             "payload_python_version",
             f"{python!r} must be the instance's python3 as major.minor, 3.9 or later (AL2023: 3.9)",
         )
-    return AppConfig(stack_prefix=prefix, network=network, services=services, payload_python_version=python)
+    topic_arn = top.get("alarm_topic_arn")
+    if topic_arn is not None:
+        topic_arn = _string(topic_arn, "alarm_topic_arn")
+        if not _TOPIC_ARN.match(topic_arn):
+            raise ConfigError("alarm_topic_arn", f"{topic_arn!r} is not an SNS topic ARN")
+    return AppConfig(
+        stack_prefix=prefix,
+        network=network,
+        services=services,
+        payload_python_version=python,
+        alarm_topic_arn=topic_arn,
+    )
 
 
 def _network(raw: object) -> NetworkConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import ArnFormat, CfnOutput, Duration, RemovalPolicy, Stack, Tags
+from aws_cdk import ArnFormat, Aws, CfnOutput, Duration, RemovalPolicy, Stack, Tags
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
@@ -12,12 +12,15 @@ from constructs import Construct
 
 from stacks.bundle import BundleInfo
 from stacks.config import ServiceConfig
+from stacks.monitoring import METRICS_NAMESPACE, ServiceAlarms
 from stacks.network import Network
 from stacks.payload_config import DEADLINE_SECONDS, payload_config
 from stacks.user_data import payload_user_data
 
-# The tag that marks a service's instances; the role may associate its address only with those.
+# The tag that names a service on its instances (for people and cost reports; IAM relies on the
+# reserved aws:autoscaling:groupName instead, which no one can set by hand).
 SERVICE_TAG = "eip-reclaim:service"
+GROUP_TAG = "aws:autoscaling:groupName"
 # The logical ID of the address, pinned: a refactoring that renamed it would make CloudFormation
 # allocate a new address and leave the one clients know orphaned.
 ELASTIC_IP_LOGICAL_ID = "ElasticIp"
@@ -30,6 +33,8 @@ BOOT_ALLOWANCE_SECONDS = 120
 # The boot unit's RestartSec (deploy/systemd/eip-reclaim.service); a test keeps the two equal.
 UNIT_RESTART_SECONDS = 30
 HOOK_HEARTBEAT = Duration.seconds(BOOT_ALLOWANCE_SECONDS + 2 * (DEADLINE_SECONDS + UNIT_RESTART_SECONDS))
+# Room for the one extra instance of a launch-before-terminate update; desired capacity stays 1.
+UPDATE_MAX_SIZE = 2
 
 
 class ElasticAddress(Construct):
@@ -103,10 +108,21 @@ class HealingGroup(Construct):
         )
         self.role.add_to_principal_policy(
             iam.PolicyStatement(
-                sid="OnlyOntoThisServicesInstances",
+                sid="OnlyOntoThisGroupsInstances",
                 actions=["ec2:AssociateAddress"],
                 resources=[stack.format_arn(service="ec2", resource="instance", resource_name="*")],
-                conditions={"StringEquals": {f"aws:ResourceTag/{SERVICE_TAG}": config.name}},
+                # Auto Scaling sets this tag and no one else can: ec2:CreateTags cannot forge it.
+                conditions={"StringEquals": {f"aws:ResourceTag/{GROUP_TAG}": group_name}},
+            )
+        )
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ThroughInterfacesOfThisVpc",
+                # EC2 may authorize the association on the instance's primary interface as well; the
+                # Elastic IP's ARN above stays what limits what the role can take.
+                actions=["ec2:AssociateAddress"],
+                resources=[stack.format_arn(service="ec2", resource="network-interface", resource_name="*")],
+                conditions={"StringEquals": {"ec2:Vpc": network.vpc_arn}},
             )
         )
         self.role.add_to_principal_policy(
@@ -114,6 +130,15 @@ class HealingGroup(Construct):
                 sid="ReportTheLaunch",
                 actions=["autoscaling:CompleteLifecycleAction"],
                 resources=[self.group_arn],
+            )
+        )
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="PublishHealMetrics",
+                # PutMetricData has no resource type; the namespace condition is its only limit.
+                actions=["cloudwatch:PutMetricData"],
+                resources=["*"],
+                conditions={"StringEquals": {"cloudwatch:namespace": METRICS_NAMESPACE}},
             )
         )
 
@@ -128,18 +153,26 @@ class HealingGroup(Construct):
             self.security_group.add_ingress_rule(
                 ec2.Peer.ipv4(config.ingress_cidr), ec2.Port.tcp(port), f"service port {port}"
             )
+        if 80 in config.ingress_ports and config.ingress_cidr == "0.0.0.0/0":
+            # checkov CKV_AWS_260 flags port 80 open to the world: here it is the configuration's intent.
+            cfn_security_group = self.security_group.node.default_child
+            assert isinstance(cfn_security_group, ec2.CfnSecurityGroup)
+            cfn_security_group.add_metadata(
+                "checkov",
+                {
+                    "skip": [
+                        {
+                            "id": "CKV_AWS_260",
+                            "comment": f"Service {config.name} is configured to serve port 80 to the "
+                            "internet (ingress_ports, ingress_cidr); nothing else is open.",
+                        }
+                    ]
+                },
+            )
 
-        # The payload's configuration file (DESIGN.md); subnet ids and the address stay CloudFormation
-        # expressions until deploy.
-        self.payload_config = payload_config(
-            allocation_id=address.allocation_id,
-            nat_by_subnet=network.nat_by_subnet,
-            auto_scaling_group=group_name,
-            lifecycle_hook=LIFECYCLE_HOOK_NAME,
-        )
-        # Fetches, verifies and installs the bundle with this configuration; the role may read that one
-        # object. A new bundle or configuration changes the user data, hence the launch template.
-        self.user_data = payload_user_data(self, bundle=bundle, config=self.payload_config, role=self.role)
+        # Filled below, once the configuration can name the group's logical ID (the launch template
+        # renders its user data at synth).
+        self.user_data = ec2.UserData.for_linux()
         cpu = ec2.AmazonLinuxCpuType.ARM_64 if config.is_arm64 else ec2.AmazonLinuxCpuType.X86_64
         self.launch_template = ec2.LaunchTemplate(
             self,
@@ -174,21 +207,28 @@ class HealingGroup(Construct):
             vpc=network.vpc,
             vpc_subnets=ec2.SubnetSelection(subnets=network.public_subnets),
             launch_template=self.launch_template,
+            # One instance is the steady state. MaxSize 2 is room for one update only: CloudFormation
+            # launches first only when MinInstancesInService < MaxSize (docs/deploy.md).
             min_capacity=1,
-            max_capacity=1,
+            max_capacity=UPDATE_MAX_SIZE,
             desired_capacity=1,
             # Named, not generated: the role's policy and the user data name the group, and a generated
             # name would make the group depend on its own launch template's user data.
             auto_scaling_group_name=group_name,
-            # A deploy that changes the launch template (payload, its configuration, the AMI) rolls the
-            # group in place: its fixed name rules out a replacing update. CloudFormation requires
-            # MinInstancesInService < MaxSize, so with one instance the old one goes first and the new
-            # one boots and takes the address (docs/deploy.md). The pause spans the hook's window, so
-            # the stack update ends only after the new instance has had its chance to report.
+            group_metrics=[autoscaling.GroupMetrics(autoscaling.GroupMetric.IN_SERVICE_INSTANCES)],
+            # A create waits for the payload's SUCCESS (it sends FAILURE when it abandons): a stack
+            # whose instance cannot take its address fails and rolls back. CDK grants the role
+            # cloudformation:SignalResource on exactly this stack's id (the action has no finer type).
+            signals=autoscaling.Signals.wait_for_count(1, timeout=HOOK_HEARTBEAT),
+            # A deploy that changes the launch template rolls the group in place (its fixed name rules
+            # out a replacing update): the new instance comes up beside the old one and takes the
+            # address (the payload's yield rule covers the overlap), its SUCCESS lets CloudFormation
+            # terminate the old one, and the group is back at one instance.
             update_policy=autoscaling.UpdatePolicy.rolling_update(
                 max_batch_size=1,
-                min_instances_in_service=0,
+                min_instances_in_service=1,
                 pause_time=HOOK_HEARTBEAT,
+                wait_on_resource_signals=True,
             ),
         )
         Tags.of(self.group).add(SERVICE_TAG, config.name, apply_to_launched_instances=True)
@@ -204,6 +244,26 @@ class HealingGroup(Construct):
                 heartbeat_timeout=int(HOOK_HEARTBEAT.to_seconds()),
             )
         ]
+        # The payload's configuration file (DESIGN.md); subnet ids, the address and the stack name stay
+        # CloudFormation expressions until deploy.
+        self.payload_config = payload_config(
+            allocation_id=address.allocation_id,
+            nat_by_subnet=network.nat_by_subnet,
+            auto_scaling_group=group_name,
+            lifecycle_hook=LIFECYCLE_HOOK_NAME,
+            hook_timeout_seconds=int(HOOK_HEARTBEAT.to_seconds()),
+            stack_name=Aws.STACK_NAME,
+            group_logical_id=stack.get_logical_id(cfn_group),
+            service=config.name,
+        )
+        # Fetches, verifies and installs the bundle with this configuration; the role may read that one
+        # object. A new bundle or configuration changes the user data, hence the launch template.
+        payload_user_data(
+            self, bundle=bundle, config=self.payload_config, role=self.role, into=self.user_data
+        )
+        self.alarms = ServiceAlarms(
+            self, "Alarms", service=config.name, group_name=group_name, topic=network.alerts.topic
+        )
 
 
 class HealingServiceStack(Stack):

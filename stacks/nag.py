@@ -27,28 +27,43 @@ def acknowledge(network: NetworkStack, services: Sequence[HealingServiceStack]) 
             "AWS maintains this policy as the SSM agent's needs change.",
         )
         _ack(
-            nat.instance,
-            "AwsSolutions::AwsSolutions-EC28",
-            "The recovery alarms use the status-check metrics, which EC2 reports every minute without "
-            "detailed monitoring; detailed monitoring would add cost and no signal the NAT needs.",
+            nat.role,
+            "AwsSolutions::AwsSolutions-IAM5[Resource::*]",
+            "ec2:DescribeNetworkInterfaces has no resource type and accepts only '*'; it reads.",
         )
         _ack(
-            nat.instance,
-            "AwsSolutions::AwsSolutions-EC29",
-            "Termination protection would stop CloudFormation from deleting or replacing the NAT; "
-            "it is recovered in place by its status-check alarms instead of by an Auto Scaling group.",
+            nat.role,
+            f"AwsSolutions::AwsSolutions-IAM5[Resource::{_ARN_PREFIX}:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
+            "Attach/detach and the source/dest check only on instances whose reserved "
+            f"aws:autoscaling:groupName tag is {nat.group_name}, which only Auto Scaling can set.",
         )
         _ack(
-            nat.instance,
+            nat.role,
+            "AwsSolutions::AwsSolutions-IAM5[Resource::"
+            f"{_ARN_PREFIX}:autoscaling:<AWS::Region>:<AWS::AccountId>:autoScalingGroup:*:"
+            f"autoScalingGroupName/{nat.group_name}]",
+            "The '*' is the group's id, unknown before it exists; the ARN names this one NAT group.",
+        )
+        _ack(
+            nat.group,
+            "AwsSolutions::AwsSolutions-AS3",
+            "Failed launches reach the app's alert topic through an EventBridge rule, and a NAT "
+            "without an in-service instance raises an alarm; per-instance notifications add noise.",
+        )
+        _ack(
+            nat.group,
+            "Annotation::@aws-cdk/aws-autoscaling:desiredCapacitySet",
+            "Minimum = maximum = desired = 1 by design: one NAT per AZ, set back to 1 by every deploy.",
+        )
+        _ack(
+            nat.launch_template,
             "CloudFormation-Validate::E1152",
             "ImageId 'resolve:ssm:...' is EC2's launch-time resolution of the Amazon Linux 2023 "
-            "parameter: the template never changes with a new AMI, so the NAT at its fixed address "
-            "is never replaced (which would fail while the old instance holds the address).",
+            "parameter: every NAT the group launches boots the current image without a deploy.",
         )
 
     for stack in services:
         group = stack.healing_group
-        name = stack.service.name
         _ack(
             group.role,
             f"AwsSolutions::AwsSolutions-IAM4[{SSM_CORE}]",
@@ -57,14 +72,22 @@ def acknowledge(network: NetworkStack, services: Sequence[HealingServiceStack]) 
         _ack(
             group.role,
             "AwsSolutions::AwsSolutions-IAM5[Resource::*]",
-            "ec2:DescribeAddresses and ec2:DescribeInstances have no resource type and accept only '*'; "
-            "they read, never change.",
+            "ec2:DescribeAddresses and ec2:DescribeInstances have no resource type and accept only '*' "
+            "(they read, never change); cloudwatch:PutMetricData has none either and is limited by its "
+            "namespace condition to EipReclaim.",
         )
         _ack(
             group.role,
             f"AwsSolutions::AwsSolutions-IAM5[Resource::{_ARN_PREFIX}:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
-            f"ec2:AssociateAddress on instances is limited by a condition to those tagged "
-            f"eip-reclaim:service={name}, which only this service's group launches.",
+            f"ec2:AssociateAddress on instances is limited by a condition to those whose reserved "
+            f"aws:autoscaling:groupName tag is {group.group_name}, which only Auto Scaling can set.",
+        )
+        _ack(
+            group.role,
+            f"AwsSolutions::AwsSolutions-IAM5[Resource::{_ARN_PREFIX}:ec2:<AWS::Region>:<AWS::AccountId>:"
+            "network-interface/*]",
+            "ec2:AssociateAddress may be authorized on the instance's interface too; limited by the "
+            "ec2:Vpc condition to this VPC, and the Elastic IP's own ARN limits what can be taken.",
         )
         _ack(
             group.role,
@@ -76,14 +99,14 @@ def acknowledge(network: NetworkStack, services: Sequence[HealingServiceStack]) 
         _ack(
             group.group,
             "AwsSolutions::AwsSolutions-AS3",
-            "Each launch reports its outcome through the lifecycle hook (CONTINUE, or ABANDON and a "
-            "replacement), recorded in the group's activity history; a topic with no subscriber "
-            "adds nothing.",
+            "Failed launches reach the app's alert topic through an EventBridge rule, abandoned ones "
+            "through the payload's Abandoned metric and its alarm; per-instance notifications add noise.",
         )
         _ack(
             group.group,
             "Annotation::@aws-cdk/aws-autoscaling:desiredCapacitySet",
-            "Minimum = maximum = desired = 1 by design: every deploy setting the size back to 1 is intended.",
+            "Desired = minimum = 1 by design (maximum 2 is room for a launch-first update): every "
+            "deploy setting the size back to 1 is intended.",
         )
         if stack.service.ingress_cidr == "0.0.0.0/0":
             _ack(

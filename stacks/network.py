@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import Fn, RemovalPolicy, Stack
+from aws_cdk import CfnResource, Fn, ReferenceStrength, RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from stacks.config import NetworkConfig
+from stacks.monitoring import Alerts, launch_failure_rule
 from stacks.nat import NatInstance, StableNatProvider
 
 # CloudWatch Logs' retention periods by their length in days (the config speaks days).
@@ -42,14 +43,21 @@ FLOW_LOG_RETENTION = {
 class Network(Construct):
     """The VPC and what every healing service in it relies on.
 
-    `nat_by_subnet` pairs each public subnet with the NAT instance in its AZ: the source of the
+    `nat_by_subnet` pairs each public subnet with the stable NAT address in its AZ: the source of the
     subnet→NAT map that the healing services carry in their user data.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, config: NetworkConfig) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, config: NetworkConfig, alarm_topic_arn: str | None
+    ) -> None:
         super().__init__(scope, construct_id)
+        self.alerts = Alerts(self, "Alerts", topic_arn=alarm_topic_arn)
         self.nat_provider = StableNatProvider(
-            vpc_cidr=config.cidr, instance_type=config.nat_instance_type, arm64=config.nat_is_arm64
+            vpc_cidr=config.cidr,
+            instance_type=config.nat_instance_type,
+            arm64=config.nat_is_arm64,
+            group_prefix=Stack.of(self).stack_name,
+            topic=self.alerts.topic,
         )
         self.vpc = ec2.Vpc(
             self,
@@ -85,7 +93,9 @@ class Network(Construct):
             self,
             "FlowLogs",
             retention=FLOW_LOG_RETENTION[config.flow_log_retention_days],
-            removal_policy=RemovalPolicy.DESTROY,
+            encryption_key=self.alerts.key,
+            # The record of who talked to the NATs outlives the network (it expires by its retention).
+            removal_policy=RemovalPolicy.RETAIN,
         )
         self.flow_log = self.vpc.add_flow_log(
             "FlowLog",
@@ -93,6 +103,25 @@ class Network(Construct):
             traffic_type=ec2.FlowLogTrafficType.ALL,
         )
         self.public_subnets: list[ec2.ISubnet] = list(self.vpc.public_subnets)
+        # The subnets and the VPC that running services sit in are referenced strongly (exports):
+        # CloudFormation then refuses a network deploy that would replace them under a service, where a
+        # weak reference (the app's default, cdk.json) would let it through and leave the service's
+        # configuration naming subnets that no longer exist. The alert topic stays weak: switching to a
+        # team's own topic must not lock the network stack (docs/deploy.md, "Cross-stack references").
+        for held in [self.vpc, *self.public_subnets]:
+            resource = held.node.default_child
+            assert isinstance(resource, CfnResource)
+            resource.apply_cross_stack_reference_strength(ReferenceStrength.STRONG)
+        self.nat_launch_failures = launch_failure_rule(
+            self,
+            "NatLaunchFailed",
+            group_names=[nat.group_name for nat in self.nat_instances],
+            topic=self.alerts.topic,
+        )
+
+    @property
+    def vpc_arn(self) -> str:
+        return Stack.of(self).format_arn(service="ec2", resource="vpc", resource_name=self.vpc.vpc_id)
 
     @property
     def nat_instances(self) -> list[NatInstance]:
@@ -108,10 +137,18 @@ class Network(Construct):
 class NetworkStack(Stack):
     """Deploys the shared `Network`."""
 
-    def __init__(self, scope: Construct, construct_id: str, *, config: NetworkConfig, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: NetworkConfig,
+        alarm_topic_arn: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._az_count = config.az_count
         super().__init__(scope, construct_id, **kwargs)
-        self.network = Network(self, "Network", config=config)
+        self.network = Network(self, "Network", config=config, alarm_topic_arn=alarm_topic_arn)
 
     @property
     def availability_zones(self) -> list[str]:

@@ -8,6 +8,8 @@ from typing import Any
 from aws_cdk import Aws
 from aws_cdk import aws_ec2 as ec2
 
+from stacks.monitoring import METRICS_NAMESPACE
+
 CONFIG_VERSION = 1
 # The payload's own deadline for one run; the lifecycle hook's heartbeat must outlast it.
 DEADLINE_SECONDS = 240
@@ -19,6 +21,10 @@ def payload_config(
     nat_by_subnet: Sequence[tuple[ec2.ISubnet, str]],
     auto_scaling_group: str,
     lifecycle_hook: str,
+    hook_timeout_seconds: int,
+    stack_name: str,
+    group_logical_id: str,
+    service: str,
 ) -> dict[str, Any]:
     """The file's content. Subnet ids, the region and the allocation id may be CloudFormation tokens:
     `Stack.to_json_string` renders them, keys included, as one Fn::Join resolved at deploy.
@@ -28,6 +34,14 @@ def payload_config(
         "region": Aws.REGION,
         "allocation_id": allocation_id,
         "nat_by_subnet": {subnet.subnet_id: nat_ip for subnet, nat_ip in nat_by_subnet},
-        "lifecycle_hook": {"auto_scaling_group": auto_scaling_group, "hook": lifecycle_hook},
+        "lifecycle_hook": {
+            "auto_scaling_group": auto_scaling_group,
+            "hook": lifecycle_hook,
+            # The payload decides from it whether another attempt still fits before it abandons.
+            "timeout_seconds": hook_timeout_seconds,
+        },
+        # SUCCESS after CONTINUE, FAILURE on ABANDON: a deploy waits for it (creation/update policy).
+        "signal": {"stack": stack_name, "resource": group_logical_id},
+        "metrics": {"namespace": METRICS_NAMESPACE, "service": service},
         "deadline_seconds": DEADLINE_SECONDS,
     }

@@ -64,7 +64,16 @@ echo "fetching $$bundle_url"
 # No public IP yet: this goes through the VPC's S3 gateway endpoint. The CLI's instance credentials
 # come from IMDSv2 only, as the payload's do.
 export AWS_EC2_METADATA_V1_DISABLED=true
-aws s3 cp --only-show-errors --region "$$region" "$$bundle_url" "$$work/bundle.zip"
+# Retried with backoff (2, 4, 8, 16 s): a boot can race the endpoint's routes or a throttled S3.
+attempt=1
+until aws s3 cp --only-show-errors --region "$$region" "$$bundle_url" "$$work/bundle.zip"; do
+  if [ "$$attempt" -ge 5 ]; then
+    echo "error: cannot fetch $$bundle_url after $$attempt attempts; nothing installed" >&2
+    exit 1
+  fi
+  sleep $$((2 ** attempt))
+  attempt=$$((attempt + 1))
+done
 if ! echo "$$bundle_sha256  $$work/bundle.zip" | sha256sum --check --strict --quiet -; then
   echo "error: bundle SHA-256 is not $$bundle_sha256; nothing installed" >&2
   exit 1
@@ -138,11 +147,17 @@ def render_user_data(*, region: str, bucket: str, key: str, sha256: str, config_
 
 
 def payload_user_data(
-    scope: Construct, *, bundle: BundleInfo, config: Mapping[str, Any], role: iam.IRole
+    scope: Construct,
+    *,
+    bundle: BundleInfo,
+    config: Mapping[str, Any],
+    role: iam.IRole,
+    into: ec2.UserData | None = None,
 ) -> ec2.UserData:
     """User data that installs ``bundle`` (as the file asset ``Payload`` under ``scope``) with ``config``.
 
-    ``role`` may read this one object and nothing else in the asset bucket.
+    ``role`` may read this one object and nothing else in the asset bucket. With ``into``, the commands
+    are added to that (a launch template's, created before the configuration could name its group).
     """
     asset = s3_assets.Asset(
         scope,
@@ -161,7 +176,7 @@ def payload_user_data(
             resources=[asset.bucket.arn_for_objects(asset.s3_object_key)],
         )
     )
-    user_data = ec2.UserData.for_linux()
+    user_data = into if into is not None else ec2.UserData.for_linux()
     user_data.add_commands(
         render_user_data(
             region=Aws.REGION,

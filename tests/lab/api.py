@@ -1,6 +1,8 @@
-"""The internet namespace's API daemon: a fault-injecting proxy in front of moto's EC2 API, and a
-stand-in Auto Scaling endpoint that records CompleteLifecycleAction (moto has none) and, like Auto Scaling,
-accepts it once per instance.
+"""The internet namespace's API daemon: a fault-injecting proxy in front of moto's EC2 API, and
+stand-ins that record what moto does not serve: Auto Scaling's CompleteLifecycleAction (accepted once per
+instance, like Auto Scaling), CloudFormation's SignalResource (accepted once per instance, as a stack
+being deployed does; afterwards "cannot be signaled", as outside a deployment) and CloudWatch's
+PutMetricData (every protocol botocore may speak: query, JSON, RPC v2 CBOR).
 
 Faults are switched by rewriting `api-faults.json`:
   {"throttle_first": N}           the first N EC2 calls answer RequestLimitExceeded (503)
@@ -28,6 +30,8 @@ from tests.lab import jsonl, server
 
 EC2_PORT = 8080
 AUTOSCALING_PORT = 8081
+CLOUDFORMATION_PORT = 8082
+CLOUDWATCH_PORT = 8083
 # Calls after which the gateway must follow moto before the caller hears back.
 ASSOCIATION_CHANGES = {"AssociateAddress", "DisassociateAddress", "ReleaseAddress"}
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
@@ -190,6 +194,113 @@ def autoscaling_handler(log: Path) -> type[_Quiet]:
     return Handler
 
 
+CLOUDFORMATION_NS = "http://cloudformation.amazonaws.com/doc/2010-05-15/"
+
+
+def cloudformation_handler(log: Path) -> type[_Quiet]:
+    """SignalResource: the first signal of each instance is awaited; any later one finds nothing waiting."""
+    signaled: set[tuple[str, str, str]] = set()
+    lock = threading.Lock()
+
+    class Handler(_Quiet):
+        def do_POST(self) -> None:
+            form = {k: v[0] for k, v in parse_qs(self.body().decode()).items()}
+            action = form.get("Action", "?")
+            if action != "SignalResource":
+                status, answer = (
+                    400,
+                    _query_error(CLOUDFORMATION_NS, "InvalidAction", f"{action} is not served"),
+                )
+            else:
+                key = (form.get("StackName", ""), form.get("LogicalResourceId", ""), form.get("UniqueId", ""))
+                with lock:
+                    waiting = key not in signaled
+                    signaled.add(key)
+                if waiting:
+                    status, answer = (
+                        200,
+                        (
+                            f'<SignalResourceResponse xmlns="{CLOUDFORMATION_NS}"><ResponseMetadata>'
+                            f"<RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata></SignalResourceResponse>"
+                        ).encode(),
+                    )
+                else:
+                    message = f"Stack {key[0]} is in UPDATE_COMPLETE state and cannot be signaled"
+                    status, answer = 400, _query_error(CLOUDFORMATION_NS, "ValidationError", message)
+            jsonl.append(
+                log, {"t": time.monotonic(), "src": self.client_address[0], **form, "status": status}
+            )
+            self.reply(status, answer)
+
+    return Handler
+
+
+def _query_error(namespace: str, code: str, message: str) -> bytes:
+    return (
+        f'<ErrorResponse xmlns="{namespace}"><Error><Type>Sender</Type><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error><RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+    ).encode()
+
+
+def cloudwatch_handler(log: Path) -> type[_Quiet]:
+    """PutMetricData, recorded as {"Namespace", "MetricData": [{"MetricName", "Value", ...}]}."""
+
+    class Handler(_Quiet):
+        def do_POST(self) -> None:
+            body = self.body()
+            protocol = self.headers.get("smithy-protocol", "")
+            if protocol == "rpc-v2-cbor":
+                from botocore.parsers import RpcV2CBORParser  # botocore's own CBOR decoder
+
+                request = RpcV2CBORParser()._initial_body_parse(body) or {}
+                action = self.path.rsplit("/", 1)[-1]
+                headers = {"smithy-protocol": "rpc-v2-cbor", "Content-Type": "application/cbor"}
+                answer = b"\xa0"  # an empty CBOR map: PutMetricData has no output
+            elif "X-Amz-Target" in self.headers:
+                request = json.loads(body or b"{}")
+                action = self.headers["X-Amz-Target"].rsplit(".", 1)[-1]
+                headers = {"Content-Type": "application/x-amz-json-1.0"}
+                answer = b"{}"
+            else:
+                form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+                action = form.pop("Action", "?")
+                request = _query_metrics(form)
+                headers = {"Content-Type": "text/xml"}
+                answer = (
+                    '<PutMetricDataResponse xmlns="http://monitoring.amazonaws.com/doc/2010-08-01/">'
+                    f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>"
+                    "</PutMetricDataResponse>"
+                ).encode()
+            status = 200 if action == "PutMetricData" else 400
+            record = {
+                "t": time.monotonic(),
+                "src": self.client_address[0],
+                "action": action,
+                "status": status,
+            }
+            jsonl.append(log, {**record, **json.loads(json.dumps(request, default=str))})
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+    return Handler
+
+
+def _query_metrics(form: dict[str, str]) -> dict[str, Any]:
+    """MetricData.member.N.MetricName=... back into the shape the other protocols carry."""
+    data: dict[int, dict[str, Any]] = {}
+    for key, value in form.items():
+        match = re.fullmatch(r"MetricData\.member\.(\d+)\.(MetricName|Value|Unit)", key)
+        if match:
+            data.setdefault(int(match.group(1)), {})[match.group(2)] = (
+                float(value) if match.group(2) == "Value" else value
+            )
+    return {"Namespace": form.get("Namespace"), "MetricData": [data[i] for i in sorted(data)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, required=True)
@@ -204,6 +315,8 @@ def main() -> None:
     )
     server.start(("0.0.0.0", EC2_PORT), ec2)
     server.start(("0.0.0.0", AUTOSCALING_PORT), autoscaling_handler(args.dir / "autoscaling.jsonl"))
+    server.start(("0.0.0.0", CLOUDFORMATION_PORT), cloudformation_handler(args.dir / "cloudformation.jsonl"))
+    server.start(("0.0.0.0", CLOUDWATCH_PORT), cloudwatch_handler(args.dir / "cloudwatch.jsonl"))
     (args.dir / "api.ready").touch()
     threading.Event().wait()
 

@@ -52,6 +52,8 @@ class Spec:
 REGION = "{region}"
 ALLOCATION_ID = "{allocation_id}"
 AUTO_SCALING_GROUP = "{auto_scaling_group}"
+# The stack a signal names (AWS::StackName at deploy): the lab's CloudFormation stand-in takes any name.
+STACK_NAME = "lab-service-stack"
 
 
 def hand_written() -> Spec:
@@ -175,6 +177,9 @@ def from_templates(templates: list[dict[str, Any]], note: str) -> Spec:
     hook = config.get("lifecycle_hook")
     if hook and intrinsic(hook["auto_scaling_group"]):
         config["lifecycle_hook"] = dict(hook, auto_scaling_group=AUTO_SCALING_GROUP)
+    signal = config.get("signal")
+    if signal and intrinsic(signal["stack"]) == {"Ref": "AWS::StackName"}:
+        config["signal"] = dict(signal, stack=STACK_NAME)
     left = [token for token in intrinsics if token in json.dumps(config)]
     if left:
         raise RuntimeError(

@@ -87,12 +87,29 @@ def test_1_first_boot_takes_the_address(lab: vpc.Lab) -> None:
     sources = {c["src"] for c in calls_by(lab, instance)}
     assert sources == {NAT_UPLINKS[0]}, run.stderr
     assert len(calls_by(lab, instance, "AssociateAddress")) == 1
-    # CONTINUE arrived after the routes were restored: from the Elastic IP itself.
-    assert lifecycle_results(lab, instance) == [("CONTINUE", vpc.EIP)]
+    # CONTINUE went out through the detour, before the restore (the payload reports while the NAT
+    # still carries its connections).
+    assert lifecycle_results(lab, instance) == [("CONTINUE", NAT_UPLINKS[0])]
     # ...for the group and hook that the synthesized user data names.
     (call,) = lab.lifecycle_calls()
     hook = lab.spec.config["lifecycle_hook"]
     assert (call["AutoScalingGroupName"], call["LifecycleHookName"]) == (lab.asg_name, hook["hook"])
+    # The deploy that launched it hears SUCCESS for the group the synthesized config names...
+    signal = lab.spec.config["signal"]
+    assert [
+        (c["StackName"], c["LogicalResourceId"], c["Status"], c["status"])
+        for c in lab.signal_calls()
+        if c.get("UniqueId") == instance.instance_id
+    ] == [(signal["stack"], signal["resource"], "SUCCESS", 200)]
+    # ...and the dashboard gets one heal, with its time, for this service.
+    published = {
+        m["MetricName"]: m
+        for c in lab.metric_calls()
+        if c.get("Namespace") == lab.spec.config["metrics"]["namespace"]
+        for m in c["MetricData"]
+    }
+    assert published["Healed"]["Value"] == 1 and published["HealSeconds"]["Value"] > 0, run.stderr
+    assert "Abandoned" not in published
     # Every metadata request went to the VPC's IMDS; the NAT's never heard from the instance.
     assert any(r["src"] == instance.private_ip for r in lab.imds_log("router"))
     assert not [r for r in lab.imds_log("nat0") if r["src"] == instance.private_ip]
@@ -110,7 +127,7 @@ def test_2_replacement_in_the_other_az_takes_over(lab: vpc.Lab) -> None:
     # through the replacement's own AZ's NAT.
     assert {c["src"] for c in calls_by(lab, replacement)} == {NAT_UPLINKS[1]}
     assert len(calls_by(lab, replacement, "AssociateAddress")) == 1
-    assert lifecycle_results(lab, replacement) == [("CONTINUE", vpc.EIP)]
+    assert lifecycle_results(lab, replacement) == [("CONTINUE", NAT_UPLINKS[1])]
 
 
 def test_3_reboot_of_the_holder_changes_nothing(lab: vpc.Lab) -> None:
@@ -157,12 +174,16 @@ def test_4_nat_down_still_attempts_abandon(lab: vpc.Lab) -> None:
     tried again through the router, which would drop it."""
     instance, _before, run = nat_down_boot(lab)
     assert run.returncode == 75, run.stderr
-    assert "lifecycle: sending ABANDON through the detour, before the restore" in run.stderr
-    assert any(
-        "lifecycle: ABANDON for" in line and "not completed" in line for line in run.stderr.splitlines()
-    ), run.stderr
+    # With the lab's 30 s hook window no restarted run fits: this run's failure is final.
+    assert "lifecycle: no time left in the hook's window for another attempt; abandoning" in run.stderr
+    lines = run.stderr.splitlines()
+    assert any("report: ABANDON through the detour: not sent" in line for line in lines), run.stderr
+    # The stack's FAILURE signal is attempted the same way, and cannot arrive either.
+    assert any("report: FAILURE signal through the detour: not sent" in line for line in lines), run.stderr
     assert lifecycle_results(lab, instance) == []
+    assert not lab.signal_calls()
     assert (instance.private_ip, 8081) not in lab.egress_attempts(), run.stderr
+    assert (instance.private_ip, 8082) not in lab.egress_attempts(), run.stderr
 
 
 def test_5_missing_imds_pin_is_caught_by_the_guard(lab: vpc.Lab) -> None:
@@ -207,7 +228,7 @@ def test_7_throttling_is_retried(lab: vpc.Lab) -> None:
     throttled = [c for c in lab.ec2_calls() if c.get("fault") == "throttle"]
     assert len(throttled) == 3, run.stderr
     assert lab.holder() == instance.instance_id
-    assert lifecycle_results(lab, instance) == [("CONTINUE", vpc.EIP)]
+    assert lifecycle_results(lab, instance) == [("CONTINUE", NAT_UPLINKS[0])]
 
 
 @pytest.mark.parametrize(
@@ -241,6 +262,15 @@ def test_9_unauthorized_fails_fast_with_3(lab: vpc.Lab) -> None:
     # ABANDON went out through the detour (from the NAT's address), so the group replaces the
     # instance at once instead of waiting out the hook.
     assert lifecycle_results(lab, instance) == [("ABANDON", vpc.nat_uplink_ip(0))], run.stderr
+    # A deploy waiting for this instance fails now instead of at its timeout, and the alarm on the
+    # payload's Abandoned metric tells the team.
+    assert [c["Status"] for c in lab.signal_calls() if c.get("UniqueId") == instance.instance_id] == [
+        "FAILURE"
+    ], run.stderr
+    abandoned = [
+        m for c in lab.metric_calls() for m in c.get("MetricData", []) if m["MetricName"] == "Abandoned"
+    ]
+    assert [m["Value"] for m in abandoned] == [1], run.stderr
 
 
 def test_10_elastic_ip_gone_fails_with_3(lab: vpc.Lab) -> None:

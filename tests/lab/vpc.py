@@ -1,7 +1,8 @@
 """The VPC lab: namespaces that behave like the VPC, built and always torn down by `build()`.
 
     internet ns (198.51.100.254 on bridge "inet")
-      moto (EC2 API, :5000) <- fault proxy (:8080) ; Auto Scaling stand-in (:8081) ; client probe
+      moto (EC2 API, :5000) <- fault proxy (:8080) ; client probe ; stand-ins for Auto Scaling
+      (:8081), CloudFormation SignalResource (:8082), CloudWatch PutMetricData (:8083)
       route 203.0.113.0/24 via the router's uplink
         |                       |                        |
     router ns (uplink .1)    nat-a ns (uplink .11)     nat-b ns (uplink .12)
@@ -50,6 +51,14 @@ EIP = "203.0.113.10"
 MOTO_PORT = 5000
 EC2_URL = f"http://{INTERNET_IP}:{api.EC2_PORT}"
 AUTOSCALING_URL = f"http://{INTERNET_IP}:{api.AUTOSCALING_PORT}"
+CLOUDFORMATION_URL = f"http://{INTERNET_IP}:{api.CLOUDFORMATION_PORT}"
+CLOUDWATCH_URL = f"http://{INTERNET_IP}:{api.CLOUDWATCH_PORT}"
+ENDPOINTS = {
+    "ec2_endpoint_url": EC2_URL,
+    "autoscaling_endpoint_url": AUTOSCALING_URL,
+    "cloudformation_endpoint_url": CLOUDFORMATION_URL,
+    "cloudwatch_endpoint_url": CLOUDWATCH_URL,
+}
 ASG_NAME = "lab-service-asg"
 ROLE = "lab-service-role"
 # Link-local addresses the VPC serves from its router: IMDS, DNS, time.
@@ -58,6 +67,8 @@ LINK_LOCAL = ("169.254.169.254", "169.254.169.253", "169.254.169.123")
 DHCP_METRIC = "512"
 # A lab run is short; the synthesized 240 s would only make failing scenarios slow.
 LAB_DEADLINE_SECONDS = 6
+# Auto Scaling's shortest heartbeat timeout (30 s): see Lab.boot.
+LAB_HOOK_TIMEOUT_SECONDS = 30
 CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
@@ -286,6 +297,14 @@ class Lab:
     def lifecycle_calls(self) -> list[dict[str, Any]]:
         return jsonl.read(self.dir / "autoscaling.jsonl")
 
+    def signal_calls(self) -> list[dict[str, Any]]:
+        """SignalResource calls the CloudFormation stand-in received (StackName, UniqueId, Status, ...)."""
+        return jsonl.read(self.dir / "cloudformation.jsonl")
+
+    def metric_calls(self) -> list[dict[str, Any]]:
+        """PutMetricData calls the CloudWatch stand-in received (Namespace, MetricData)."""
+        return jsonl.read(self.dir / "cloudwatch.jsonl")
+
     def imds_log(self, name: str = "router") -> list[dict[str, Any]]:
         return jsonl.read(self.dir / f"{name}-imds.jsonl")
 
@@ -364,9 +383,15 @@ class Lab:
             subnet_ids=self.subnet_ids,
             allocation_id=self.allocation_id,
             auto_scaling_group=self.asg_name,
-            endpoints={"ec2_endpoint_url": EC2_URL, "autoscaling_endpoint_url": AUTOSCALING_URL},
+            endpoints=ENDPOINTS,
             deadline_seconds=LAB_DEADLINE_SECONDS,
         )
+        if "lifecycle_hook" in config:
+            # The synthesized window (660 s) belongs to the 240 s deadline; the lab's runs are compressed
+            # to LAB_DEADLINE_SECONDS, and the host's uptime stands in for the instance's. With Auto
+            # Scaling's shortest window no restarted run ever fits: a failed run is final, whatever the
+            # host's uptime, and ABANDON is always attempted.
+            config["lifecycle_hook"]["timeout_seconds"] = LAB_HOOK_TIMEOUT_SECONDS
         config_path = self.dir / f"{instance_id}-config.json"
         config_path.write_text(json.dumps(config, indent=2))
 
@@ -606,9 +631,9 @@ class Lab:
         ns.ip("addr", "add", f"{nat_uplink_ip(index)}/24", "dev", "uplink")
         ns.ip("link", "set", "uplink", "up")
         ns.ip("route", "add", "default", "via", INTERNET_IP)
-        # What the NAT's user data sets (sysctl.d); rp_filter off as in every lab namespace.
-        set_sysctls(ns, {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"})
-        ns.run("iptables-restore", input=nat_rules(str(self.spec.vpc_cidr)))
+        # The NAT instances' own setup text (forwarding, redirects, rp_filter, the packet filter), as
+        # their boot unit runs it at every boot.
+        ns.run("sh", "-c", nat_setup(str(self.spec.vpc_cidr)))
         for address in LINK_LOCAL:
             ns.ip("addr", "add", f"{address}/32", "dev", "lo")
 
@@ -646,11 +671,11 @@ def set_sysctls(ns: netns.Netns, values: dict[str, str]) -> None:
     ns.run("sh", "-ec", script)
 
 
-def nat_rules(vpc_cidr: str) -> str:
-    """The packet filter the stack gives its NAT instances, exactly as synthesized."""
-    from stacks.nat import iptables_rules
+def nat_setup(vpc_cidr: str) -> str:
+    """The NAT boot unit's setup text (sysctls and the packet filter), exactly as synthesized."""
+    from stacks.nat import nat_network_setup
 
-    return iptables_rules(vpc_cidr)
+    return nat_network_setup(vpc_cidr)
 
 
 def _moto_up() -> bool:

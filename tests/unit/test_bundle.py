@@ -31,6 +31,8 @@ MAX_ZIPPED_BYTES = 2_500_000
 PAYLOAD_OPERATIONS = {
     "ec2": ("DescribeAddresses", "AssociateAddress", "DescribeInstances"),
     "autoscaling": ("CompleteLifecycleAction",),
+    "cloudformation": ("SignalResource",),
+    "cloudwatch": ("PutMetricData",),
 }
 
 
@@ -141,9 +143,11 @@ def test_clients_are_created_from_the_trimmed_models(unpacked: Path) -> None:
     result = run_isolated(unpacked, "-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "['autoscaling', 'ec2']",
+        "['autoscaling', 'cloudformation', 'cloudwatch', 'ec2']",
         "ec2 https://ec2.ap-southeast-2.amazonaws.com",
         "autoscaling https://autoscaling.ap-southeast-2.amazonaws.com",
+        "cloudformation https://cloudformation.ap-southeast-2.amazonaws.com",
+        "cloudwatch https://monitoring.ap-southeast-2.amazonaws.com",
     ]
 
 

@@ -176,7 +176,22 @@ BAD_CONFIGS = {
         with_change("payload_python_version", 3.9),
         "payload_python_version: expected a string, got float",
     ),
+    "alarm topic that is not an SNS ARN": (
+        with_change("alarm_topic_arn", "arn:aws:sqs:us-east-1:123456789012:queue"),
+        "alarm_topic_arn: 'arn:aws:sqs:us-east-1:123456789012:queue' is not an SNS topic ARN",
+    ),
+    "alarm topic as a list": (
+        with_change("alarm_topic_arn", ["arn:aws:sns:us-east-1:123456789012:t"]),
+        "alarm_topic_arn: expected a string, got a list",
+    ),
 }
+
+
+def test_alarms_go_to_the_apps_own_topic_unless_one_is_given() -> None:
+    # None: the network stack creates an encrypted topic; a given ARN is used as it is.
+    assert parse({}).alarm_topic_arn is None
+    arn = "arn:aws-us-gov:sns:us-gov-west-1:123456789012:on-call.fifo"
+    assert parse({"alarm_topic_arn": arn}).alarm_topic_arn == arn
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))

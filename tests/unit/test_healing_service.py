@@ -19,11 +19,13 @@ from stacks.config import parse
 from stacks.healing_service import (
     BOOT_ALLOWANCE_SECONDS,
     ELASTIC_IP_LOGICAL_ID,
+    GROUP_TAG,
     HOOK_HEARTBEAT,
     LIFECYCLE_HOOK_NAME,
     SERVICE_TAG,
     UNIT_RESTART_SECONDS,
 )
+from stacks.monitoring import ABANDONED, LAUNCH_UNSUCCESSFUL, METRICS_NAMESPACE
 from stacks.payload_config import DEADLINE_SECONDS
 from stacks.user_data import USER_DATA_LIMIT
 from tests.unit.cdk_app import DEFAULT_RAW, FEATURE_FLAGS, Synthesized, default_app, multi_app
@@ -70,14 +72,21 @@ def statements(template: Template) -> list[dict[str, Any]]:
     return policy["Properties"]["PolicyDocument"]["Statement"]  # type: ignore[no-any-return]
 
 
+def sid(statement: dict[str, Any]) -> str:
+    return str(statement.get("Sid", ""))
+
+
 def test_the_role_may_describe_addresses_anywhere_but_change_nothing_else_broadly(template: Template) -> None:
     # The two Describe calls have no resource type; every other action is scoped to this service.
-    by_sid = {s["Sid"]: s for s in statements(template)}
+    by_sid = {s.get("Sid", s["Action"]): s for s in statements(template)}
     assert set(by_sid) == {
         "FindTheAddressAndItsHolder",
         "TakeThisAddress",
-        "OnlyOntoThisServicesInstances",
+        "OnlyOntoThisGroupsInstances",
+        "ThroughInterfacesOfThisVpc",
         "ReportTheLaunch",
+        "cloudformation:SignalResource",
+        "PublishHealMetrics",
         "ReadThePayload",
     }
     assert by_sid["FindTheAddressAndItsHolder"] == {
@@ -92,7 +101,7 @@ def test_the_role_may_describe_addresses_anywhere_but_change_nothing_else_broadl
 
 def test_associate_address_only_on_this_address(template: Template) -> None:
     # Another service's address, or any other in the account, is out of reach.
-    (statement,) = [s for s in statements(template) if s["Sid"] == "TakeThisAddress"]
+    (statement,) = [s for s in statements(template) if sid(s) == "TakeThisAddress"]
     assert statement["Action"] == "ec2:AssociateAddress"
     assert statement["Resource"] == {
         "Fn::Join": [
@@ -111,17 +120,48 @@ def test_associate_address_only_on_this_address(template: Template) -> None:
     }
 
 
-def test_associate_address_only_onto_instances_tagged_for_this_service(template: Template) -> None:
-    # The role cannot move the address onto an instance of another service (or anyone's).
-    (statement,) = [s for s in statements(template) if s["Sid"] == "OnlyOntoThisServicesInstances"]
+def test_associate_address_only_onto_instances_of_this_group(template: Template) -> None:
+    # The reserved tag only Auto Scaling sets: anyone with ec2:CreateTags could forge a service tag.
+    (statement,) = [s for s in statements(template) if sid(s) == "OnlyOntoThisGroupsInstances"]
     assert statement["Action"] == "ec2:AssociateAddress"
-    assert statement["Condition"] == {"StringEquals": {f"aws:ResourceTag/{SERVICE_TAG}": "web"}}
+    assert statement["Condition"] == {
+        "StringEquals": {"aws:ResourceTag/aws:autoscaling:groupName": "EipReclaim-web"}
+    }
+    assert GROUP_TAG == "aws:autoscaling:groupName"
     assert statement["Resource"]["Fn::Join"][1][-1] == ":instance/*"
+    assert not any(SERVICE_TAG in json.dumps(s.get("Condition", {})) for s in statements(template))
+
+
+def test_associate_address_through_interfaces_of_this_vpc_only(template: Template) -> None:
+    # EC2 may authorize the call on the instance's interface too; the grant stops at this VPC.
+    (statement,) = [s for s in statements(template) if sid(s) == "ThroughInterfacesOfThisVpc"]
+    assert statement["Action"] == "ec2:AssociateAddress"
+    assert statement["Resource"]["Fn::Join"][1][-1] == ":network-interface/*"
+    (vpc_arn,) = statement["Condition"]["StringEquals"].values()
+    assert list(statement["Condition"]["StringEquals"]) == ["ec2:Vpc"]
+    assert ":vpc/" in vpc_arn["Fn::Join"][1]
+
+
+def test_signal_resource_only_on_this_stack(template: Template) -> None:
+    # SignalResource has no finer resource type: the stack's own ARN is the narrowest grant.
+    (statement,) = [s for s in statements(template) if s["Action"] == "cloudformation:SignalResource"]
+    assert statement == {
+        "Action": "cloudformation:SignalResource",
+        "Effect": "Allow",
+        "Resource": {"Ref": "AWS::StackId"},
+    }
+
+
+def test_metrics_only_into_the_apps_namespace(template: Template) -> None:
+    # PutMetricData has no resource type; the namespace condition keeps the role out of other metrics.
+    (statement,) = [s for s in statements(template) if sid(s) == "PublishHealMetrics"]
+    assert (statement["Action"], statement["Resource"]) == ("cloudwatch:PutMetricData", "*")
+    assert statement["Condition"] == {"StringEquals": {"cloudwatch:namespace": METRICS_NAMESPACE}}
 
 
 def test_complete_lifecycle_action_only_on_this_group(template: Template) -> None:
     # The role can report the launch of its own group's instances, not steer other groups.
-    (statement,) = [s for s in statements(template) if s["Sid"] == "ReportTheLaunch"]
+    (statement,) = [s for s in statements(template) if sid(s) == "ReportTheLaunch"]
     assert statement["Action"] == "autoscaling:CompleteLifecycleAction"
     assert (
         statement["Resource"]["Fn::Join"][1][-1] == ":autoScalingGroup:*:autoScalingGroupName/EipReclaim-web"
@@ -204,15 +244,13 @@ def test_the_launch_template_boots_al2023_without_a_public_ip_and_with_imdsv2(te
 def test_the_group_keeps_exactly_one_instance_over_the_public_subnet_of_every_az(
     app: Synthesized, template: Template
 ) -> None:
-    # min = max = desired = 1; any AZ can host the replacement, always in a public subnet.
+    # min = desired = 1 (max 2 only for a launch-first update); any AZ can host the replacement,
+    # always in a public subnet.
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
-    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "1", "1")
+    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "2", "1")
     assert group["AutoScalingGroupName"] == "EipReclaim-web"
     network = app.template_json(app.network)
-    zone_outputs = [
-        network["Outputs"][ref["Fn::GetStackOutput"]["OutputName"]]["Value"]
-        for ref in group["VPCZoneIdentifier"]
-    ]
+    zone_outputs = [exported_value(network, ref) for ref in group["VPCZoneIdentifier"]]
     public = [
         {"Ref": logical_id}
         for logical_id, r in network["Resources"].items()
@@ -253,6 +291,44 @@ def test_the_hook_window_covers_the_boot_a_run_and_one_retry() -> None:
     assert HOOK_HEARTBEAT.to_seconds() <= 900
 
 
+def exported_value(network: dict[str, Any], reference: dict[str, Any]) -> Any:
+    """The network output a strong reference (Fn::ImportValue of its export) names."""
+    (name,) = [
+        k
+        for k, o in network["Outputs"].items()
+        if o.get("Export", {}).get("Name") == reference["Fn::ImportValue"]
+    ]
+    return network["Outputs"][name]["Value"]
+
+
+def test_the_network_is_referenced_strongly_and_the_topic_weakly(
+    app: Synthesized, template: Template
+) -> None:
+    # A network deploy that would replace the VPC or a subnet under a running service fails on the
+    # export lock; the topic may change (to a team's own) without locking the network stack.
+    body = json.dumps(template.to_json())
+    network = app.template_json(app.network)
+    exported = {o["Value"]["Ref"] for o in network["Outputs"].values() if "Export" in o}
+    subnets_and_vpc = {k for k, r in network["Resources"].items() if r["Type"] == "AWS::EC2::VPC"} | {
+        k
+        for k, r in network["Resources"].items()
+        if r["Type"] == "AWS::EC2::Subnet"
+        and {"Key": "aws-cdk:subnet-type", "Value": "Public"} in r["Properties"]["Tags"]
+    }
+    assert exported == subnets_and_vpc
+    assert body.count("Fn::ImportValue") >= 3
+    assert all("Topic" in ref["OutputName"] for ref in _stack_outputs(template.to_json()))
+
+
+def _stack_outputs(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        found = [value["Fn::GetStackOutput"]] if "Fn::GetStackOutput" in value else []
+        return found + [r for v in value.values() for r in _stack_outputs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _stack_outputs(v)]
+    return []
+
+
 def render(value: Any, network: dict[str, Any]) -> str:
     """A template expression as the deploy would render it, with stand-ins for region, ids and imports."""
     if isinstance(value, str):
@@ -264,6 +340,8 @@ def render(value: Any, network: dict[str, Any]) -> str:
         return REGION
     if value == {"Ref": "AWS::Partition"}:
         return "aws"
+    if value == {"Ref": "AWS::StackName"}:
+        return "EipReclaim-web"
     if "Fn::Sub" in value:  # the asset bucket: the bootstrap bucket of the account and region
         text = str(value["Fn::Sub"])
         text = text.replace("${AWS::AccountId}", ACCOUNT).replace("${AWS::Region}", REGION)
@@ -271,8 +349,8 @@ def render(value: Any, network: dict[str, Any]) -> str:
         return text
     if value == {"Fn::GetAtt": [ELASTIC_IP_LOGICAL_ID, "AllocationId"]}:
         return ALLOCATION
-    if "Fn::GetStackOutput" in value:
-        exported = network["Outputs"][value["Fn::GetStackOutput"]["OutputName"]]["Value"]
+    if "Fn::ImportValue" in value:
+        exported = exported_value(network, value)
         return f"subnet-{exported['Ref']}"
     raise AssertionError(f"unexpected expression in user data: {value}")
 
@@ -293,11 +371,11 @@ def payload_config_of(template: Template, network: dict[str, Any]) -> dict[str, 
 
 
 def nat_ip_by_subnet(network: dict[str, Any]) -> dict[str, str]:
-    """From the network template itself: public subnet logical id -> its NAT instance's private IPv4."""
+    """From the network template itself: public subnet logical id -> its NAT interface's private IPv4."""
     found = {}
     for resource in network["Resources"].values():
-        if resource["Type"] == "AWS::EC2::Instance":
-            (interface,) = resource["Properties"]["NetworkInterfaces"]
+        if resource["Type"] == "AWS::EC2::NetworkInterface":
+            interface = resource["Properties"]
             found[f"subnet-{interface['SubnetId']['Ref']}"] = interface["PrivateIpAddress"]
     return found
 
@@ -313,7 +391,16 @@ def test_user_data_carries_the_payload_config_with_the_generated_subnet_nat_map(
         "region": REGION,
         "allocation_id": ALLOCATION,
         "nat_by_subnet": nat_ip_by_subnet(network),
-        "lifecycle_hook": {"auto_scaling_group": "EipReclaim-web", "hook": LIFECYCLE_HOOK_NAME},
+        "lifecycle_hook": {
+            "auto_scaling_group": "EipReclaim-web",
+            "hook": LIFECYCLE_HOOK_NAME,
+            "timeout_seconds": int(HOOK_HEARTBEAT.to_seconds()),
+        },
+        "signal": {
+            "stack": "EipReclaim-web",
+            "resource": logical_id_of(template, "AWS::AutoScaling::AutoScalingGroup"),
+        },
+        "metrics": {"namespace": METRICS_NAMESPACE, "service": "web"},
         "deadline_seconds": DEADLINE_SECONDS,
     }
     assert sorted(config["nat_by_subnet"].values()) == ["10.0.0.4", "10.0.1.4"]
@@ -342,7 +429,7 @@ def test_user_data_fetches_the_payload_asset_and_checks_the_bundles_hash(
 def test_the_role_reads_only_the_payload_object(app: Synthesized, template: Template) -> None:
     # One GetObject on the one object: no listing, no other asset of the shared bootstrap bucket.
     network = app.template_json(app.network)
-    (statement,) = [s for s in statements(template) if s["Sid"] == "ReadThePayload"]
+    (statement,) = [s for s in statements(template) if sid(s) == "ReadThePayload"]
     assert statement["Action"] == "s3:GetObject"
     key = payload_asset(app, app.service).s3_object_key
     assert render(statement["Resource"], network) == f"arn:aws:s3:::{ASSET_BUCKET}/{key}"
@@ -362,16 +449,27 @@ def test_user_data_stays_far_below_the_16_kb_limit(app: Synthesized, template: T
     assert size < USER_DATA_LIMIT // 4
 
 
-def test_a_new_launch_template_rolls_the_group_one_instance_at_a_time(template: Template) -> None:
-    # The group's name is fixed, so only a rolling update can replace its instance; with MaxSize 1,
-    # CloudFormation needs MinInstancesInService 0. The pause spans the launch hook's window, and the
-    # processes that would fight the update are suspended (Launch and Terminate must stay on).
+def test_a_create_waits_for_the_payloads_signal(template: Template) -> None:
+    # A stack whose instance cannot take its address fails and rolls back instead of reporting success.
+    group = the(template, "AWS::AutoScaling::AutoScalingGroup")
+    assert group["CreationPolicy"] == {
+        "ResourceSignal": {"Count": 1, "Timeout": f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"}
+    }
+
+
+def test_a_new_launch_template_launches_the_new_instance_before_removing_the_old(template: Template) -> None:
+    # The group's name is fixed, so only a rolling update can replace its instance. MinInstancesInService
+    # 1 < MaxSize 2: CloudFormation launches the new one beside the old, waits for its SUCCESS (the
+    # payload's signal after it holds the address), then terminates the old. The pause spans the hook's
+    # window, and the processes that would fight the update are suspended (Launch and Terminate stay on).
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")
     policy = group["UpdatePolicy"]["AutoScalingRollingUpdate"]
-    assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 0)
+    assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 1)
     assert policy["MinInstancesInService"] < int(group["Properties"]["MaxSize"])
+    assert policy["MinInstancesInService"] == int(group["Properties"]["DesiredCapacity"])
     assert policy["PauseTime"] == f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"
-    assert "WaitOnResourceSignals" not in policy  # the payload reports through the hook, not cfn-signal
+    assert policy["WaitOnResourceSignals"] is True
+    assert "AutoScalingInstanceRefresh" not in group["UpdatePolicy"]
     assert {"HealthCheck", "ReplaceUnhealthy", "AZRebalance", "ScheduledActions"} <= set(
         policy["SuspendProcesses"]
     )
@@ -451,7 +549,7 @@ class TestSeveralServicesAndAnAdoptedAddress:
         # Adoption must not allocate a second address, and the role is scoped to the adopted one.
         smtp = multi.template(multi.stacks.services[1])
         smtp.resource_count_is("AWS::EC2::EIP", 0)
-        (statement,) = [s for s in statements(smtp) if s["Sid"] == "TakeThisAddress"]
+        (statement,) = [s for s in statements(smtp) if sid(s) == "TakeThisAddress"]
         assert statement["Resource"]["Fn::Join"][1][-1] == ":elastic-ip/eipalloc-0123456789abcdef0"
         config = payload_config_of(smtp, multi.template_json(multi.network))
         assert config["allocation_id"] == "eipalloc-0123456789abcdef0"
@@ -478,13 +576,73 @@ class TestSeveralServicesAndAnAdoptedAddress:
                 "ToPort": 25,
             }
         ]
-        (condition,) = [
-            s["Condition"] for s in statements(smtp) if s["Sid"] == "OnlyOntoThisServicesInstances"
-        ]
-        assert condition == {"StringEquals": {f"aws:ResourceTag/{SERVICE_TAG}": "smtp"}}
+        (condition,) = [s["Condition"] for s in statements(smtp) if sid(s) == "OnlyOntoThisGroupsInstances"]
+        assert condition == {"StringEquals": {f"aws:ResourceTag/{GROUP_TAG}": "Multi-smtp"}}
         assert (
             the(smtp, "AWS::AutoScaling::AutoScalingGroup")["Properties"]["AutoScalingGroupName"]
             == "Multi-smtp"
         )
         (parameter,) = [p for p in smtp.to_json()["Parameters"] if p.startswith("SsmParameterValue")]
         assert smtp.to_json()["Parameters"][parameter]["Default"].endswith("-x86_64")
+
+
+def test_group_metrics_feed_the_no_instance_alarm(template: Template) -> None:
+    # Without group metrics the in-service alarm would have no data to watch.
+    group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    assert group["MetricsCollection"] == [{"Granularity": "1Minute", "Metrics": ["GroupInServiceInstances"]}]
+
+
+def alarm_topic(app: Synthesized) -> Any:
+    """How the service stack names the app's topic: a reference to the network stack's."""
+    network = app.template_json(app.network)
+    (topic_id,) = [k for k, r in network["Resources"].items() if r["Type"] == "AWS::SNS::Topic"]
+    return topic_id
+
+
+def test_an_alarm_when_the_service_has_no_instance_in_service(app: Synthesized, template: Template) -> None:
+    # The heal failed for five minutes: the team hears of it on the app's topic.
+    template.has_resource_properties(
+        "AWS::CloudWatch::Alarm",
+        {
+            "Namespace": "AWS/AutoScaling",
+            "MetricName": "GroupInServiceInstances",
+            "Dimensions": [{"Name": "AutoScalingGroupName", "Value": "EipReclaim-web"}],
+            "ComparisonOperator": "LessThanThreshold",
+            "Threshold": 1,
+            "Period": 60,
+            "EvaluationPeriods": 5,
+            "AlarmActions": [Match.any_value()],
+        },
+    )
+    assert alarm_topic(app)
+
+
+def test_an_alarm_when_the_payload_abandons(template: Template) -> None:
+    # No event exists for an abandoned lifecycle action: the payload's own metric is the signal.
+    template.has_resource_properties(
+        "AWS::CloudWatch::Alarm",
+        {
+            "Namespace": METRICS_NAMESPACE,
+            "MetricName": ABANDONED,
+            "Dimensions": [{"Name": "Service", "Value": "web"}],
+            "Statistic": "Sum",
+            "Period": 300,
+            "EvaluationPeriods": 1,
+            "Threshold": 1,
+            "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+            "TreatMissingData": "notBreaching",
+            "AlarmActions": [Match.any_value()],
+        },
+    )
+
+
+def test_failed_launches_of_the_group_reach_the_topic(template: Template) -> None:
+    # Capacity or a broken launch template: Auto Scaling's event, routed to the same topic.
+    rule = the(template, "AWS::Events::Rule")["Properties"]
+    assert rule["EventPattern"] == {
+        "source": ["aws.autoscaling"],
+        "detail-type": [LAUNCH_UNSUCCESSFUL],
+        "detail": {"AutoScalingGroupName": ["EipReclaim-web"]},
+    }
+    (target,) = rule["Targets"]
+    assert "Fn::GetStackOutput" in json.dumps(target["Arn"])

@@ -317,3 +317,35 @@ def test_shellcheck_is_installed() -> None:
     # The lint above needs it; CI installs it (.ci/run).
     assert shutil.which("shellcheck"), "shellcheck not found: apt-get install shellcheck"
     assert os.access("/usr/bin/python3", os.X_OK), "the user data unpacks with /usr/bin/python3"
+
+
+def _flaky_aws(box: Sandbox, failures: int) -> None:
+    """`aws s3 cp` that fails `failures` times before it serves the bundle; `sleep` recorded, not slept."""
+    box._stub(
+        "aws",
+        f'n=$(wc -l <"$SANDBOX_CALLS/aws")\nif [ "$n" -le {failures} ]; then exit 1; fi\n'
+        'for arg; do dest="$arg"; done\ncp "$SANDBOX_BUNDLE" "$dest"\n',
+    )
+    box._stub("sleep", "")
+
+
+def test_the_bundle_download_is_retried_with_backoff(tmp_path: Path) -> None:
+    # A boot can race the S3 endpoint's routes or meet a throttled S3: two failures still install.
+    box = Sandbox(tmp_path)
+    _flaky_aws(box, failures=2)
+    result = box.run(script_for(render(fake_bundle(box.bundle, "retried"))))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(box.called("aws")) == 3
+    assert box.called("sleep") == ["2", "4"]
+
+
+def test_the_bundle_download_gives_up_after_five_attempts(tmp_path: Path) -> None:
+    # Bounded: the lifecycle hook's window is for the payload, not for an S3 outage.
+    box = Sandbox(tmp_path)
+    _flaky_aws(box, failures=99)
+    result = box.run(script_for(render(fake_bundle(box.bundle, "never"))))
+    assert result.returncode != 0
+    assert len(box.called("aws")) == 5
+    assert box.called("sleep") == ["2", "4", "8", "16"]
+    assert "cannot fetch" in box.console.read_text()
+    assert box.called("systemctl") == []
