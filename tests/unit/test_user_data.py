@@ -151,6 +151,9 @@ def test_installs_a_verified_bundle(tmp_path: Path) -> None:
     app = box.root / user_data.INSTALL_DIR.lstrip("/")
     assert (app / "bootstrap/__init__.py").read_text() == "MARKER = 'first'\n"
     assert list((app / "bootstrap/__pycache__").glob("__init__.*.pyc"))
+    # The services run as a dynamic user, not root: every file readable, every directory searchable.
+    for path in (app.parent, app, *app.rglob("*")):
+        assert stat.S_IMODE(path.stat().st_mode) & (0o005 if path.is_dir() else 0o004), path
     # The configuration: the contract's JSON, readable by root only.
     config = box.root / user_data.CONFIG_PATH.lstrip("/")
     assert json.loads(config.read_text()) == CONFIG
