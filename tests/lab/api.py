@@ -313,10 +313,16 @@ def main() -> None:
         Faults(args.dir / "api-faults.json"),
         args.dir / "ec2.jsonl",
     )
-    server.start(("0.0.0.0", EC2_PORT), ec2)
-    server.start(("0.0.0.0", AUTOSCALING_PORT), autoscaling_handler(args.dir / "autoscaling.jsonl"))
-    server.start(("0.0.0.0", CLOUDFORMATION_PORT), cloudformation_handler(args.dir / "cloudformation.jsonl"))
-    server.start(("0.0.0.0", CLOUDWATCH_PORT), cloudwatch_handler(args.dir / "cloudwatch.jsonl"))
+    handlers = {
+        EC2_PORT: ec2,
+        AUTOSCALING_PORT: autoscaling_handler(args.dir / "autoscaling.jsonl"),
+        CLOUDFORMATION_PORT: cloudformation_handler(args.dir / "cloudformation.jsonl"),
+        CLOUDWATCH_PORT: cloudwatch_handler(args.dir / "cloudwatch.jsonl"),
+    }
+    # On IPv4 and IPv6 (the ipv6 strategy's EC2 endpoint), one handler class (so one state) per service.
+    for port, handler in handlers.items():
+        for address in ("0.0.0.0", "::"):
+            server.start((address, port), handler)
     (args.dir / "api.ready").touch()
     threading.Event().wait()
 

@@ -228,6 +228,23 @@ def _config_in(text: str) -> dict[str, Any]:
     raise RuntimeError("synth: no JSON configuration found in the user data")
 
 
+def network_config(config: dict[str, Any], network_egress: str) -> dict[str, Any]:
+    """The payload configuration for a network whose `network.egress` is `ipv6` or `interface-endpoints`,
+    made from the nat-instances synth: what the stacks write for those networks differs only in these
+    keys — `"egress": "direct"`, `"dualstack": true` for ipv6, and no `nat_by_subnet` (no NAT).
+
+    The lab builds those two configurations this way until the app synthesizes them; then they can be
+    read from that synth like the nat-instances one.
+    """
+    if network_egress not in ("ipv6", "interface-endpoints"):
+        raise ValueError(f"network.egress {network_egress!r}: only ipv6 and interface-endpoints are derived")
+    derived = {key: value for key, value in config.items() if key not in ("nat_by_subnet", "dualstack")}
+    derived["egress"] = "direct"
+    if network_egress == "ipv6":
+        derived["dualstack"] = True
+    return derived
+
+
 def render_config(
     spec: Spec,
     *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Any
 
@@ -113,3 +114,43 @@ def test_user_data_without_the_config_is_an_error() -> None:
     broken[1]["Resources"]["Lt"]["Properties"]["LaunchTemplateData"]["UserData"] = "#!/bin/bash\n"
     with pytest.raises(RuntimeError, match="carries the config"):
         spec.from_templates(broken, "test")
+
+
+@pytest.mark.parametrize(
+    ("network", "expected"),
+    [
+        ("ipv6", {"egress": "direct", "dualstack": True}),
+        ("interface-endpoints", {"egress": "direct"}),
+    ],
+)
+def test_configs_for_the_direct_networks_replace_only_the_egress_keys(
+    network: str, expected: dict[str, Any]
+) -> None:
+    """The ipv6 and interface-endpoints networks' configurations, derived from the nat-instances synth:
+    no NAT map, egress direct (+ dualstack), everything else as synthesized; and the payload takes them."""
+    from bootstrap.config import parse_config
+
+    lab_spec = spec.from_templates(templates(CONFIG_PARTS), "test")
+    derived = spec.network_config(lab_spec.config, network)
+    kept = {k: v for k, v in lab_spec.config.items() if k != "nat_by_subnet"}
+    assert derived == {**kept, **expected}
+    assert "nat_by_subnet" in lab_spec.config  # the synth's own config is left as it was
+    rendered = spec.render_config(
+        dataclasses.replace(lab_spec, config=derived),
+        region="ap-southeast-2",
+        subnet_ids={"PubA": "subnet-a", "PubB": "subnet-b"},
+        allocation_id="eipalloc-1",
+        auto_scaling_group="asg",
+        endpoints={"ec2_endpoint_url": "http://[2001:db8::1]:8080"},
+    )
+    parsed = parse_config(rendered)
+    assert (parsed.egress, parsed.dualstack, dict(parsed.nat_by_subnet)) == (
+        "direct",
+        network == "ipv6",
+        {},
+    )
+
+
+def test_only_the_direct_networks_are_derived() -> None:
+    with pytest.raises(ValueError, match="nat-instances"):
+        spec.network_config({}, "nat-instances")

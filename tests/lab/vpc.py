@@ -13,6 +13,13 @@
       br-0 (10.0.0.1) ------------+ br-1 (10.0.1.1) -------+
         |                           |
     instance ns: ens5 at 10.0.x.y, AL2023-shaped routes, service on :80, the real payload
+                 (strategy ipv6: also 2001:db8:10:x::y/64, IPv6 default route via the router)
+    endpoints ns: 10.0.x.5 on every br-x, forwarding the API ports to the emulators from its own
+                  uplink (.20): the interface-endpoints strategy's private way to the APIs
+
+IPv6: the router forwards it for every instance (no gateway rules), between the subnets' /64s
+(2001:db8:10:x::/64, router at ::1) and the internet's 2001:db8:ffff::/64, where the emulators also
+listen (::254). Each boot chooses a strategy (STRATEGIES): the configuration its user data carries.
 
 The test process reaches the internet namespace's network only through one worker thread that has
 joined it (setns is per thread), never by a link from the root namespace.
@@ -22,7 +29,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import http.client
+import ipaddress
 import itertools
 import json
 import os
@@ -59,6 +68,30 @@ ENDPOINTS = {
     "cloudformation_endpoint_url": CLOUDFORMATION_URL,
     "cloudwatch_endpoint_url": CLOUDWATCH_URL,
 }
+# The heal strategies the lab runs (docs/lab.md): the payload's egress and the network it is made for.
+POLICY_ROUTE = "policy-route"  # nat-instances, the payload's default: only its marked sockets take the NAT
+MAIN_TABLE = "main-table"  # nat-instances: pins, then the main table's default route via the NAT
+IPV6 = "ipv6"  # direct + dualstack: EC2 over IPv6 through the router; no NAT
+INTERFACE_ENDPOINTS = "interface-endpoints"  # direct: the APIs at a private address in the VPC; no NAT
+STRATEGIES = (POLICY_ROUTE, MAIN_TABLE, IPV6, INTERFACE_ENDPOINTS)
+# The payload's `egress` under each strategy.
+PAYLOAD_EGRESS = {
+    POLICY_ROUTE: POLICY_ROUTE,
+    MAIN_TABLE: MAIN_TABLE,
+    IPV6: "direct",
+    INTERFACE_ENDPOINTS: "direct",
+}
+# IPv6 (documentation space): the VPC's /56, one /64 per subnet (AZ index), the internet's /64.
+VPC_IPV6 = ipaddress.IPv6Network("2001:db8:10::/56")
+INTERNET_IPV6 = "2001:db8:ffff::254"
+ROUTER_UPLINK_IPV6 = "2001:db8:ffff::1"
+EC2_URL_IPV6 = f"http://[{INTERNET_IPV6}]:{api.EC2_PORT}"
+# The interface endpoints' network interface in each public subnet: AWS reserves base..base+3, the
+# synthesized NAT sits at base+4, the lab's instances start at base+10.
+ENDPOINT_HOST = 5
+# The endpoints' side towards the services: what the API sees as the source of an endpoint's calls.
+ENDPOINT_UPLINK_IP = "198.51.100.20"
+API_PORTS = (api.EC2_PORT, api.AUTOSCALING_PORT, api.CLOUDFORMATION_PORT, api.CLOUDWATCH_PORT)
 ASG_NAME = "lab-service-asg"
 ROLE = "lab-service-role"
 # Link-local addresses the VPC serves from its router: IMDS, DNS, time.
@@ -70,6 +103,10 @@ LAB_DEADLINE_SECONDS = 6
 # Auto Scaling's shortest heartbeat timeout (30 s): see Lab.boot.
 LAB_HOOK_TIMEOUT_SECONDS = 30
 CLONE_NEWNET = 0x40000000
+# A route in a table no rule looks up (a documentation address): announced, used by nothing. A route
+# monitor is listening once it has reported this one.
+MARKER_TABLE = "9"
+MARKER = ("192.0.2.255/32", "dev", "lo", "table", MARKER_TABLE)
 
 T = TypeVar("T")
 
@@ -80,6 +117,32 @@ def az_name(index: int) -> str:
 
 def nat_uplink_ip(index: int) -> str:
     return f"198.51.100.{11 + index}"
+
+
+def ipv6_subnet(az_index: int) -> ipaddress.IPv6Network:
+    """The public subnet's /64 in AZ `az_index` (the VPC's /56, subnet number = AZ index)."""
+    return next(itertools.islice(VPC_IPV6.subnets(new_prefix=64), az_index, None))
+
+
+def endpoint_ip(subnet: spec.Subnet) -> str:
+    """The interface endpoints' private address in this subnet."""
+    return str(subnet.cidr.network_address + ENDPOINT_HOST)
+
+
+def strategy_endpoints(strategy: str, subnet: spec.Subnet) -> dict[str, str]:
+    """Where an instance in `subnet` finds the emulators under `strategy`.
+
+    ipv6: EC2 at the internet host's IPv6 literal (in the lab the endpoint URL wins over botocore's
+    dual-stack name); Auto Scaling, CloudFormation and CloudWatch stay on IPv4, reached over the Elastic
+    IP after the claim, as on AWS, where they have no dual-stack endpoint. interface-endpoints: all four
+    at the endpoint's private address in the instance's own subnet.
+    """
+    if strategy == IPV6:
+        return {**ENDPOINTS, "ec2_endpoint_url": EC2_URL_IPV6}
+    if strategy == INTERFACE_ENDPOINTS:
+        ports = dict(zip(ENDPOINTS, API_PORTS))
+        return {key: f"http://{endpoint_ip(subnet)}:{port}" for key, port in ports.items()}
+    return dict(ENDPOINTS)
 
 
 def _join_netns(name: str) -> None:
@@ -137,6 +200,8 @@ class Instance:
     port: str  # its veth's end on the subnet's bridge in the router namespace
     config_path: Path
     state_dir: Path
+    strategy: str = POLICY_ROUTE
+    ipv6: str | None = None  # its address in the subnet's /64 (strategy ipv6 only)
     runs: list[PayloadRun] = field(default_factory=list)
 
     @property
@@ -150,11 +215,87 @@ class Instance:
         """
         return self.ns.ip("-4", "route", "show", "table", "all")
 
+    def rules(self) -> str:
+        """The IPv4 policy rules (policy-route adds one for the run)."""
+        return self.ns.ip("-4", "rule", "show")
+
+    def main_table(self) -> str:
+        """The main table in full detail, as sampled during a policy-route run."""
+        return self.ns.ip("-d", "-4", "route", "show", "table", "main")
+
+    def ipv6_default(self) -> str:
+        return self.ns.ip("-6", "route", "show", "default").strip()
+
+    def host_state(self) -> dict[str, str]:
+        """What a run must leave as it found it: every IPv4 table, the rules, the IPv6 default route."""
+        return {"routes": self.routes(), "rules": self.rules(), "ipv6 default": self.ipv6_default()}
+
     def default_route(self) -> str:
         return self.ns.ip("route", "show", "default").strip()
 
-    def payload_argv(self, *extra: str) -> list[str]:
-        return [PYTHON, "-m", "bootstrap", "--config", str(self.config_path), "--verbose", *extra]
+    @contextmanager
+    def route_events(self) -> Iterator[list[str]]:
+        """Every IPv4 route change the kernel announces in this namespace while the block runs.
+
+        `ip monitor` block-buffers into a pipe (a killed monitor would lose what it saw): it runs
+        line-buffered. It is listening once it has reported MARKER, added and removed here first.
+        """
+        lines: list[str] = []
+        monitor = self.ns.popen(["stdbuf", "-oL", "ip", "-4", "monitor", "route"], stdout=subprocess.PIPE)
+
+        def read() -> None:
+            assert monitor.stdout is not None
+            for raw in monitor.stdout:  # one at a time: the waits below read the list as it grows
+                lines.append(raw.decode().rstrip("\n"))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+
+        def marker_seen(deleted: bool) -> bool:
+            return any(f"table {MARKER_TABLE}" in x and x.startswith("Deleted") == deleted for x in lines)
+
+        try:
+            give_up = time.monotonic() + 15
+            while True:
+                # Added afresh each time: replacing a route with itself announces nothing.
+                self.ns.ip("route", "add", *MARKER)
+                time.sleep(0.05)
+                if marker_seen(deleted=False):
+                    break
+                self.ns.ip("route", "del", *MARKER)
+                if time.monotonic() > give_up:
+                    raise TimeoutError("lab: ip monitor never reported the marker route")
+            self.ns.ip("route", "del", *MARKER)
+            wait_for(lambda: marker_seen(deleted=True), "the marker route's removal")
+            events: list[str] = []
+            yield events
+            time.sleep(0.2)  # what the block's last change announces
+        finally:
+            os.killpg(monitor.pid, signal.SIGKILL)
+            monitor.wait(10)
+            reader.join(5)
+        events += [x for x in lines if f"table {MARKER_TABLE}" not in x]
+
+    def config(self) -> dict[str, Any]:
+        """The configuration this instance's user data carries (its strategy's)."""
+        loaded: dict[str, Any] = json.loads(self.config_path.read_text())
+        return loaded
+
+    def run_config(self, overrides: dict[str, Any]) -> Path:
+        """This instance's configuration with `overrides` (a None value removes the key), for one run."""
+        config = self.config()
+        for key, value in overrides.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        path = self.config_path.with_name(f"{self.instance_id}-config-run{len(self.runs)}.json")
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def payload_argv(self, *extra: str, config: Path | None = None) -> list[str]:
+        path = config or self.config_path
+        return [PYTHON, "-m", "bootstrap", "--config", str(path), "--verbose", *extra]
 
     def payload_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {
@@ -169,11 +310,17 @@ class Instance:
         env.update(extra or {})
         return env
 
-    def start_payload(self, env: dict[str, str] | None = None) -> RunningPayload:
-        """The real payload, in this namespace only; each output line is timestamped as it arrives."""
+    def start_payload(
+        self, env: dict[str, str] | None = None, config: dict[str, Any] | None = None
+    ) -> RunningPayload:
+        """The real payload, in this namespace only; each output line is timestamped as it arrives.
+
+        `config`: keys of the instance's configuration replaced for this run only (e.g. the egress).
+        """
+        path = self.run_config(config) if config else None
         started = time.monotonic()
         proc = self.ns.popen(
-            self.payload_argv(),
+            self.payload_argv(config=path),
             cwd=REPO,
             env=self.payload_env(env),
             stdout=subprocess.PIPE,
@@ -207,9 +354,16 @@ class Instance:
         )
         return run
 
-    def run_payload(self, env: dict[str, str] | None = None, timeout: float = 60) -> PayloadRun:
-        self.lab.event("payload-start", instance=self.instance_id, az=self.subnet.az_index)
-        return self.finish(self.start_payload(env), timeout=timeout)
+    def run_payload(
+        self, env: dict[str, str] | None = None, timeout: float = 60, config: dict[str, Any] | None = None
+    ) -> PayloadRun:
+        self.lab.event(
+            "payload-start",
+            instance=self.instance_id,
+            az=self.subnet.az_index,
+            egress=(config or {}).get("egress", self.strategy),
+        )
+        return self.finish(self.start_payload(env, config), timeout=timeout)
 
 
 class Lab:
@@ -331,8 +485,16 @@ class Lab:
         self.event("nat-down" if down else "nat-up", az=index)
 
     # -- instances ------------------------------------------------------------------------------
-    def boot(self, az_index: int, *, launched_after: float | None = None) -> Instance:
-        """An instance of the group boots in this AZ's public subnet, with no public IPv4."""
+    def boot(
+        self, az_index: int, *, strategy: str = POLICY_ROUTE, launched_after: float | None = None
+    ) -> Instance:
+        """An instance of the group boots in this AZ's public subnet, with no public IPv4.
+
+        `strategy` (one of STRATEGIES) chooses the configuration its user data carries and, for ipv6,
+        gives it an address in the subnet's /64 and an IPv6 default route via the router.
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"lab: unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
         subnet = self.spec.subnets[az_index]
         if launched_after is not None:
             # moto's LaunchTime has one-second resolution: "newer" must be visible in it.
@@ -374,18 +536,38 @@ class Lab:
         self.router.ip("link", "add", port, "type", "veth", "peer", "name", "ens5", "netns", ns.name)
         self.router.ip("link", "set", port, "master", f"br-{az_index}", "up")
         self._shape_like_al2023(ns, subnet, private_ip, mac)
+        ipv6 = None
+        if strategy == IPV6:
+            # An address from the subnet's /64 and the default route via the router, as DHCPv6 and the
+            # router advertisement give them (the lab uses the router's global address, not its fe80::).
+            network = ipv6_subnet(az_index)
+            ipv6 = str(network.network_address + (int(address) - int(subnet.cidr.network_address)))
+            ns.ip("-6", "addr", "add", f"{ipv6}/{network.prefixlen}", "dev", "ens5", "nodad")
+            ns.ip(
+                "-6", "route", "add", "default", "via", str(network.network_address + 1),
+                "dev", "ens5", "proto", "ra", "metric", DHCP_METRIC,
+            )  # fmt: skip
 
         state_dir = self.dir / instance_id
         state_dir.mkdir()
+        network_config = {
+            POLICY_ROUTE: self.spec.config,
+            MAIN_TABLE: {**self.spec.config, "egress": MAIN_TABLE},
+            IPV6: spec.network_config(self.spec.config, IPV6),
+            INTERFACE_ENDPOINTS: spec.network_config(self.spec.config, INTERFACE_ENDPOINTS),
+        }[strategy]
         config = spec.render_config(
-            self.spec,
+            dataclasses.replace(self.spec, config=network_config),
             region=REGION,
             subnet_ids=self.subnet_ids,
             allocation_id=self.allocation_id,
             auto_scaling_group=self.asg_name,
-            endpoints=ENDPOINTS,
+            endpoints=strategy_endpoints(strategy, subnet),
             deadline_seconds=LAB_DEADLINE_SECONDS,
         )
+        egress = config.get("egress", POLICY_ROUTE)  # absent: the payload's default
+        if egress != PAYLOAD_EGRESS[strategy]:
+            raise RuntimeError(f"lab: the config for {strategy} names egress {egress!r}")
         if "lifecycle_hook" in config:
             # The synthesized window (660 s) belongs to the 240 s deadline; the lab's runs are compressed
             # to LAB_DEADLINE_SECONDS, and the host's uptime stands in for the instance's. With Auto
@@ -418,9 +600,11 @@ class Lab:
             env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")},
         )
         wait_for(ready.exists, f"service on {instance_id}")
-        instance = Instance(self, ns, instance_id, subnet, private_ip, mac, port, config_path, state_dir)
+        instance = Instance(
+            self, ns, instance_id, subnet, private_ip, mac, port, config_path, state_dir, strategy, ipv6
+        )
         self.instances.append(instance)
-        self.event("boot", instance=instance_id, az=az_index, ip=private_ip)
+        self.event("boot", instance=instance_id, az=az_index, ip=private_ip, strategy=strategy)
         return instance
 
     def _shape_like_al2023(self, ns: netns.Netns, subnet: spec.Subnet, ip: str, mac: str) -> None:
@@ -486,6 +670,7 @@ class Lab:
     # -- building ---------------------------------------------------------------------------------
     router: netns.Netns
     internet: netns.Netns
+    endpoints: netns.Netns
     _control: concurrent.futures.ThreadPoolExecutor
 
     def _build(self) -> None:
@@ -503,14 +688,20 @@ class Lab:
         internet.ip("addr", "add", f"{INTERNET_IP}/24", "dev", "inet")
         internet.ip("link", "set", "inet", "up")
         internet.ip("route", "add", "203.0.113.0/24", "via", ROUTER_UPLINK_IP)
+        # IPv6: the emulators' host has an address on the internet's /64; the VPC's /56 is via the router.
+        internet.ip("-6", "addr", "add", f"{INTERNET_IPV6}/64", "dev", "inet", "nodad")
+        internet.ip("-6", "route", "add", str(VPC_IPV6), "via", ROUTER_UPLINK_IPV6)
 
         routerns.ip(
             "link", "add", "uplink", "type", "veth", "peer", "name", "p-router", "netns", internet.name
         )
         internet.ip("link", "set", "p-router", "master", "inet", "up")
         routerns.ip("addr", "add", f"{ROUTER_UPLINK_IP}/24", "dev", "uplink")
+        routerns.ip("-6", "addr", "add", f"{ROUTER_UPLINK_IPV6}/64", "dev", "uplink", "nodad")
         routerns.ip("link", "set", "uplink", "up")
-        set_sysctls(routerns, {"net.ipv4.ip_forward": "1"})
+        # IPv6 is forwarded for every instance (an internet gateway does not translate IPv6); the
+        # gateway's 1:1 NAT and its drop rule are IPv4 only.
+        set_sysctls(routerns, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
         for address in LINK_LOCAL:
             routerns.ip("addr", "add", f"{address}/32", "dev", "lo")
         for subnet in self.spec.subnets:
@@ -518,6 +709,8 @@ class Lab:
             routerns.ip("link", "add", bridge, "type", "bridge")
             routerns.ip("addr", "add", f"{subnet.router_ip}/{subnet.cidr.prefixlen}", "dev", bridge)
             routerns.ip("addr", "add", f"{subnet.resolver_ip}/32", "dev", bridge)
+            network = ipv6_subnet(subnet.az_index)
+            routerns.ip("-6", "addr", "add", f"{network.network_address + 1}/64", "dev", bridge, "nodad")
             routerns.ip("link", "set", bridge, "up")
 
         self._spawn(internet, [PYTHON, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(MOTO_PORT)], "moto")
@@ -563,6 +756,7 @@ class Lab:
         self._register_vpc()
         for subnet in self.spec.subnets:
             self._build_nat(subnet)
+        self._build_endpoints()
         wait_for(
             lambda: (self.dir / "router.ready").exists() and (self.dir / "api.ready").exists(),
             "router and API daemons",
@@ -662,6 +856,63 @@ class Lab:
             "access_key_id": "ASIANAT" + nat_id[2:].upper(),
         }
         self._spawn_router(ns, f"nat{index}", "--fixed-identity", json.dumps(identity))
+
+    def _build_endpoints(self) -> None:
+        """Interface endpoints: an address in every public subnet (ENDPOINT_HOST) at which the emulators
+        answer, as EC2, Auto Scaling, CloudFormation and CloudWatch endpoints in the VPC do. The
+        namespace forwards those ports to the emulators from its own uplink (ENDPOINT_UPLINK_IP): the
+        instance's connection never leaves the VPC through the router, and needs no NAT instance.
+        """
+        ns = self.endpoints = self.stack.enter_context(netns.netns("endpoints"))
+        addresses = []
+        for subnet in self.spec.subnets:
+            address = endpoint_ip(subnet)
+            if address == str(subnet.nat_ip):
+                raise RuntimeError(f"lab: the endpoint address {address} is the NAT's in the synth")
+            port, inside = f"e-{subnet.az_index}", f"ens{5 + subnet.az_index}"
+            self.router.ip("link", "add", port, "type", "veth", "peer", "name", inside, "netns", ns.name)
+            self.router.ip("link", "set", port, "master", f"br-{subnet.az_index}", "up")
+            ns.ip("addr", "add", f"{address}/{subnet.cidr.prefixlen}", "dev", inside)
+            ns.ip("link", "set", inside, "up")
+            addresses.append(address)
+        ns.ip(
+            "link",
+            "add",
+            "uplink",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "p-endpoints",
+            "netns",
+            self.internet.name,
+        )
+        self.internet.ip("link", "set", "p-endpoints", "master", "inet", "up")
+        ns.ip("addr", "add", f"{ENDPOINT_UPLINK_IP}/24", "dev", "uplink")
+        ns.ip("link", "set", "uplink", "up")
+        set_sysctls(
+            ns,
+            {
+                "net.ipv4.ip_forward": "1",
+                "net.ipv4.conf.all.rp_filter": "0",
+                "net.ipv4.conf.default.rp_filter": "0",
+            },
+        )
+        ports = ", ".join(str(p) for p in API_PORTS)
+        ns.run(
+            "nft",
+            "-f",
+            "-",
+            input=(
+                "table ip endpoints {\n"
+                "  chain pre {\n    type nat hook prerouting priority dstnat; policy accept;\n"
+                f"    ip daddr {{ {', '.join(addresses)} }} tcp dport {{ {ports} }} dnat to {INTERNET_IP}\n"
+                "  }\n"
+                "  chain post {\n    type nat hook postrouting priority srcnat; policy accept;\n"
+                '    oifname "uplink" masquerade\n'
+                "  }\n}\n"
+            ),
+        )
 
 
 def set_sysctls(ns: netns.Netns, values: dict[str, str]) -> None:
