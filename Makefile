@@ -63,9 +63,10 @@ lab-test: setup
 	pytest tests/lab
 
 ## lab: build the VPC lab, heal an instance and then a replacement in the other AZ, print the timeline (root)
+##      STRATEGY=policy-route (default) | main-table | ipv6 | interface-endpoints
 lab: setup
 	$(NEED_ROOT)
-	python -m tests.lab.demo
+	python -m tests.lab.demo $(if $(STRATEGY),--strategy $(STRATEGY))
 
 ## bench: heal latency, failover downtime and the floor in the VPC lab, as JSON (root)
 bench: setup

@@ -4,6 +4,7 @@ the timeline of what the payload, the API, the gateway and the client saw. Needs
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -11,7 +12,12 @@ from tests import netns
 from tests.lab import timeline, vpc
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--strategy", choices=vpc.STRATEGIES, default=vpc.POLICY_ROUTE, help="how the instances reach the API"
+    )
+    args = parser.parse_args(argv)
     if not netns.can_run():
         print(f"make lab: {netns.HOW_TO_RUN.replace('make test', 'make lab')}", file=sys.stderr)
         return 1
@@ -19,14 +25,17 @@ def main() -> int:
     print("==> synthesizing the default app and building the lab (network namespaces)")
     started = time.monotonic()
     with vpc.build() as lab:
-        print(f"    built in {time.monotonic() - started:.1f} s; spec: {lab.spec.source}")
+        print(
+            f"    built in {time.monotonic() - started:.1f} s; spec: {lab.spec.source};"
+            f" strategy: {args.strategy}"
+        )
         origin = time.monotonic()
         lab.start_probe()
-        first = lab.boot(0)
+        first = lab.boot(0, strategy=args.strategy)
         run = first.run_payload()
         healed = _wait_for_client(lab, first)
         lab.kill(first)
-        replacement = lab.boot(1, launched_after=time.time())
+        replacement = lab.boot(1, strategy=args.strategy, launched_after=time.time())
         run2 = replacement.run_payload()
         healed2 = _wait_for_client(lab, replacement)
         time.sleep(0.3)  # a few more probes, so the timeline ends on the client's steady view
