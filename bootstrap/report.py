@@ -80,6 +80,19 @@ class Reporter:
             done = done and sent is not None
         return done
 
+    def warmed(self, *, where: str) -> bool:
+        """CONTINUE for a launch into the warm pool; True when nothing is left to send.
+
+        Not recorded as done, and no signal: the same hook fires again when the instance leaves the
+        pool, and the stack's creation policy waits for the instance that takes the address.
+        """
+        if self.config.lifecycle_hook is None:
+            return True
+        sent = self._report(
+            "CONTINUE (warm pool)", self._complete_for_pool, "CONTINUE", until_deadline=True, where=where
+        )
+        return sent is not None
+
     def failed(self, *, where: str) -> bool:
         """ABANDON, the FAILURE signal and the Abandoned metric; True if an ABANDON was accepted."""
         abandoned = False
@@ -186,6 +199,28 @@ class Reporter:
             # Every run but the first boot's (reboots, the re-check timer): nothing is waiting.
             LOG.info("lifecycle: no pending launch action for this instance; nothing to complete")
         self.marks.mark(LIFECYCLE_MARK, self.instance_id)
+        return sent
+
+    def _complete_for_pool(self, result: str) -> bool:
+        hook = self.config.lifecycle_hook
+        assert hook is not None
+
+        def call(client: Any) -> None:
+            client.complete_lifecycle_action(
+                LifecycleHookName=hook.hook,
+                AutoScalingGroupName=hook.auto_scaling_group,
+                LifecycleActionResult=result,
+                InstanceId=self.instance_id,
+            )
+
+        sent = self._call("autoscaling", call, nothing_waiting=NO_ACTION)
+        LOG.info(
+            "lifecycle: %s %s for %s/%s (into the warm pool)",
+            result,
+            "sent" if sent else "not waited for",
+            hook.auto_scaling_group,
+            hook.hook,
+        )
         return sent
 
     def _signal(self, status: str) -> bool:
