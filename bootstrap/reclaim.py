@@ -34,6 +34,8 @@ LOG = logging.getLogger(__name__)
 
 _C = TypeVar("_C")
 _T = TypeVar("_T")
+# Written once this instance holds the address; the watchdog waits for it.
+CLAIMED_MARK = "claimed"
 # IMDS autoscaling/target-lifecycle-state values for which this instance must not take the address.
 NOT_IN_SERVICE = ("Terminated", "Standby", "Detached")
 
@@ -331,6 +333,9 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
 
     heal_seconds = deadline.elapsed()
     deps.interrupts.disarm()
+    if outcome is not Outcome.YIELDED:
+        # The watchdog (bootstrap/watchdog.py) probes the service only once this instance holds the address.
+        state.reporter.marks.mark(CLAIMED_MARK, identity.instance_id)
     if not reported:
         # Over the Elastic IP (or the public address), until the deadline: a launch action left pending
         # times out to ABANDON, and the group would terminate the instance that holds the address.
