@@ -89,7 +89,11 @@ class Reporter:
         if self.config.lifecycle_hook is None:
             return True
         sent = self._report(
-            "CONTINUE (warm pool)", self._complete_for_pool, "CONTINUE", until_deadline=True, where=where
+            "CONTINUE (warm pool)",
+            lambda result: self._complete(result, into_pool=True),
+            "CONTINUE",
+            until_deadline=True,
+            where=where,
         )
         return sent is not None
 
@@ -180,7 +184,9 @@ class Reporter:
                 LOG.warning("report: %s %s: not sent: %s", what, where, self.stopped)
                 return None
 
-    def _complete(self, result: str) -> bool:
+    def _complete(self, result: str, *, into_pool: bool = False) -> bool:
+        """CompleteLifecycleAction; recorded as done, except on the way into the warm pool (the same hook
+        fires again when the instance leaves it)."""
         hook = self.config.lifecycle_hook
         assert hook is not None
 
@@ -193,34 +199,14 @@ class Reporter:
             )
 
         sent = self._call("autoscaling", call, nothing_waiting=NO_ACTION)
+        pool = " (into the warm pool)" if into_pool else ""
         if sent:
-            LOG.info("lifecycle: %s sent for %s/%s", result, hook.auto_scaling_group, hook.hook)
+            LOG.info("lifecycle: %s sent for %s/%s%s", result, hook.auto_scaling_group, hook.hook, pool)
         else:
             # Every run but the first boot's (reboots, the re-check timer): nothing is waiting.
-            LOG.info("lifecycle: no pending launch action for this instance; nothing to complete")
-        self.marks.mark(LIFECYCLE_MARK, self.instance_id)
-        return sent
-
-    def _complete_for_pool(self, result: str) -> bool:
-        hook = self.config.lifecycle_hook
-        assert hook is not None
-
-        def call(client: Any) -> None:
-            client.complete_lifecycle_action(
-                LifecycleHookName=hook.hook,
-                AutoScalingGroupName=hook.auto_scaling_group,
-                LifecycleActionResult=result,
-                InstanceId=self.instance_id,
-            )
-
-        sent = self._call("autoscaling", call, nothing_waiting=NO_ACTION)
-        LOG.info(
-            "lifecycle: %s %s for %s/%s (into the warm pool)",
-            result,
-            "sent" if sent else "not waited for",
-            hook.auto_scaling_group,
-            hook.hook,
-        )
+            LOG.info("lifecycle: no pending launch action for this instance%s; nothing to complete", pool)
+        if not into_pool:
+            self.marks.mark(LIFECYCLE_MARK, self.instance_id)
         return sent
 
     def _signal(self, status: str) -> bool:
