@@ -148,6 +148,8 @@ class HealingGroup(Construct):
             vpc=network.vpc,
             description=f"eip-reclaim {config.name}: the service ports",
             allow_all_outbound=True,
+            # In an IPv6 network the EC2 API is reached over IPv6 before the address is claimed.
+            allow_all_ipv6_outbound=network.config.payload_dualstack,
         )
         for port in config.ingress_ports:
             self.security_group.add_ingress_rule(
@@ -201,6 +203,14 @@ class HealingGroup(Construct):
             ],
         )
 
+        if network.config.payload_dualstack:
+            cfn_template = self.launch_template.node.default_child
+            assert isinstance(cfn_template, ec2.CfnLaunchTemplate)
+            # Escape hatch: LaunchTemplate has no IPv6 property. One IPv6 address on the primary
+            # interface is the instance's way to the EC2 API's dual-stack endpoint before it holds the
+            # Elastic IP (IMDS stays on IPv4).
+            cfn_template.add_property_override("LaunchTemplateData.NetworkInterfaces.0.Ipv6AddressCount", 1)
+
         self.group = autoscaling.AutoScalingGroup(
             self,
             "Group",
@@ -248,6 +258,8 @@ class HealingGroup(Construct):
         # CloudFormation expressions until deploy.
         self.payload_config = payload_config(
             allocation_id=address.allocation_id,
+            egress=network.config.payload_egress,
+            dualstack=network.config.payload_dualstack,
             nat_by_subnet=network.nat_by_subnet,
             auto_scaling_group=group_name,
             lifecycle_hook=LIFECYCLE_HOOK_NAME,

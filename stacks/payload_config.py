@@ -13,11 +13,15 @@ from stacks.monitoring import METRICS_NAMESPACE
 CONFIG_VERSION = 1
 # The payload's own deadline for one run; the lifecycle hook's heartbeat must outlast it.
 DEADLINE_SECONDS = 240
+# The payload's egress that changes nothing on the host (no NAT, so no subnet→NAT map).
+DIRECT = "direct"
 
 
 def payload_config(
     *,
     allocation_id: str,
+    egress: str,
+    dualstack: bool,
     nat_by_subnet: Sequence[tuple[ec2.ISubnet, str]],
     auto_scaling_group: str,
     lifecycle_hook: str,
@@ -28,12 +32,21 @@ def payload_config(
 ) -> dict[str, Any]:
     """The file's content. Subnet ids, the region and the allocation id may be CloudFormation tokens:
     `Stack.to_json_string` renders them, keys included, as one Fn::Join resolved at deploy.
+
+    `egress` is the payload's strategy (bootstrap/egress), always written even where it is the
+    payload's default; `nat_by_subnet` goes with the NAT strategies only, `dualstack` only when true.
     """
-    return {
+    config: dict[str, Any] = {
         "version": CONFIG_VERSION,
         "region": Aws.REGION,
         "allocation_id": allocation_id,
-        "nat_by_subnet": {subnet.subnet_id: nat_ip for subnet, nat_ip in nat_by_subnet},
+        "egress": egress,
+    }
+    if dualstack:
+        config["dualstack"] = True
+    if egress != DIRECT:
+        config["nat_by_subnet"] = {subnet.subnet_id: nat_ip for subnet, nat_ip in nat_by_subnet}
+    return config | {
         "lifecycle_hook": {
             "auto_scaling_group": auto_scaling_group,
             "hook": lifecycle_hook,
