@@ -217,3 +217,11 @@ def test_the_watchdog_period_is_the_timers() -> None:
     # The grace arithmetic above assumes the timer's period.
     timer = (REPO / "deploy/systemd/eip-reclaim-watchdog.timer").read_text()
     assert re.search(rf"^OnUnitActiveSec={WATCHDOG_PERIOD_SECONDS}s$", timer, re.M)
+
+
+def test_docs_name_both_keys() -> None:
+    # A user finds both options where the others are described, and the failover page explains them.
+    for doc in ("docs/configuration.md", "README.md", "docs/failover.md"):
+        text = (REPO / doc).read_text()
+        assert "`services[].warm_pool`" in text or doc == "docs/failover.md", doc
+        assert "warm_pool" in text and "health_check" in text, doc
