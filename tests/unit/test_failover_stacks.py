@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aws_cdk.assertions import Template
 
+from bootstrap.config import load_config
 from stacks.config import ConfigError, HealthCheckConfig, NetworkConfig, parse
 from stacks.healing_service import (
     BOOT_ALLOWANCE_SECONDS,
@@ -19,9 +22,10 @@ from stacks.healing_service import (
     WATCHDOG_PERIOD_SECONDS,
 )
 from stacks.payload_config import DEADLINE_SECONDS
-from stacks.user_data import BOOT_SERVICE, TIMER, WATCHDOG_TIMER
+from stacks.user_data import BOOT_SERVICE, CONFIG_PATH, TIMER, WATCHDOG_TIMER, render_user_data
 from tests.unit.cdk_app import DEFAULT_RAW, REPO, Synthesized, default_app, multi_app
 from tests.unit.test_healing_service import logical_id_of, payload_config_of, statements, the, user_data_of
+from tests.unit.test_user_data import BUCKET, CONFIG, REGION, Sandbox, fake_bundle, script_for
 
 GROUP = "AWS::AutoScaling::AutoScalingGroup"
 
@@ -225,3 +229,31 @@ def test_docs_name_both_keys() -> None:
         text = (REPO / doc).read_text()
         assert "`services[].warm_pool`" in text or doc == "docs/failover.md", doc
         assert "warm_pool" in text and "health_check" in text, doc
+
+
+def test_the_installed_config_and_units_start_the_watchdog(tmp_path: Path) -> None:
+    # In the user data's sandbox: the payload's own validator reads the stacks' health_check, and the
+    # watchdog's timer is enabled and started beside the payload's.
+    box = Sandbox(tmp_path)
+    sha = fake_bundle(box.bundle, "watchdog")
+    check = {"port": 8080, "path": "/healthz", "failures": 3, "grace_seconds": 60}
+    config = dict(CONFIG, health_check=check)
+    script = script_for(
+        render_user_data(
+            region=REGION,
+            bucket=BUCKET,
+            key="k.zip",
+            sha256=sha,
+            config_json=json.dumps(config),
+            watchdog=True,
+        )
+    )
+    result = box.run(script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = load_config(str(box.root / CONFIG_PATH.lstrip("/")))
+    assert written.health_check is not None
+    assert (written.health_check.port, written.health_check.path) == (8080, "/healthz")
+    assert box.called("systemctl")[1:3] == [
+        f"enable {BOOT_SERVICE} {TIMER} {WATCHDOG_TIMER}",
+        f"start {TIMER} {WATCHDOG_TIMER}",
+    ]
