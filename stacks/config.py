@@ -54,6 +54,8 @@ ENDPOINT_NAMES = ("s3", *INTERFACE_ENDPOINT_SERVICES)
 # The keys that describe a VPC the app creates; a team's own VPC is described by the others.
 _NEW_VPC_KEYS = ("cidr", "az_count", "subnet_prefix_length")
 # An SNS topic ARN in any partition: arn:<partition>:sns:<region>:<12-digit account>:<name>.
+# An absolute URL path without whitespace, as the payload's health_check.path accepts it.
+_URL_PATH = re.compile(r"^/\S*$")
 _TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z]{2}(-[a-z]+)+-\d+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
 
 
@@ -125,6 +127,20 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class HealthCheckConfig:
+    """The watchdog's probe of the service on its instance (bootstrap/watchdog.py): the same shape as the
+    payload configuration's `health_check`."""
+
+    port: int
+    # HTTP GET of this path (2xx/3xx is healthy); None: a TCP connect is the probe.
+    path: str | None = None
+    # Failed probes in a row (one every 10 s) before the instance reports itself unhealthy.
+    failures: int = 3
+    # No probe until the service has had this long since its instance took the address.
+    grace_seconds: int = 60
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """One self-healing instance and the Elastic IP it keeps."""
 
@@ -134,6 +150,10 @@ class ServiceConfig:
     ingress_cidr: str = "0.0.0.0/0"
     allocation_id: str | None = None
     root_volume_gib: int = 8
+    # One stopped, pre-initialized instance beside the in-service one (docs/failover.md).
+    warm_pool: bool = False
+    # The watchdog: None leaves detection to EC2's status checks.
+    health_check: HealthCheckConfig | None = None
 
     @property
     def is_arm64(self) -> bool:
@@ -195,6 +215,7 @@ def parse(raw: object) -> AppConfig:
     _unique([s.name for s in services], "services", "name")
     # Two services holding one address would take it from each other at every boot.
     _unique([s.allocation_id for s in services], "services", "allocation_id")
+    _warm_pool_reaches_auto_scaling(network, services)
     python = _string(top.get("payload_python_version", DEFAULT_PAYLOAD_PYTHON), "payload_python_version")
     if not _PYTHON_VERSION.match(python):
         raise ConfigError(
@@ -392,6 +413,9 @@ def _service(raw: object, key: str) -> ServiceConfig:
     # Amazon Linux 2023's image needs 2 GiB; 16 TiB is gp3's ceiling.
     if not 2 <= root <= 16384:
         raise ConfigError(f"{key}.root_volume_gib", f"{root} must be from 2 to 16384 GiB")
+    warm_pool = _boolean(obj.get("warm_pool", default.warm_pool), f"{key}.warm_pool")
+    health_raw = obj.get("health_check")
+    health = None if health_raw is None else _health_check(health_raw, f"{key}.health_check")
     return ServiceConfig(
         name=name,
         instance_type=instance_type,
@@ -399,7 +423,45 @@ def _service(raw: object, key: str) -> ServiceConfig:
         ingress_cidr=ingress_cidr,
         allocation_id=allocation_id,
         root_volume_gib=root,
+        warm_pool=warm_pool,
+        health_check=health,
     )
+
+
+def _health_check(raw: object, key: str) -> HealthCheckConfig:
+    fields = set(HealthCheckConfig.__dataclass_fields__)
+    obj = _object(raw, key, required={"port"}, optional=fields - {"port"})
+    default = HealthCheckConfig(port=1)
+    port = _port(obj["port"], f"{key}.port")
+    path = obj.get("path")
+    if path is not None:
+        path = _string(path, f"{key}.path")
+        if not _URL_PATH.match(path):
+            raise ConfigError(f"{key}.path", f"{path!r} is not an absolute URL path (starting with /)")
+    # The payload's own bounds (bootstrap/config.py), so the instance never refuses what synth accepted.
+    failures = _integer(obj.get("failures", default.failures), f"{key}.failures")
+    if not 1 <= failures <= 100:
+        raise ConfigError(f"{key}.failures", f"{failures} must be from 1 to 100")
+    grace = _integer(obj.get("grace_seconds", default.grace_seconds), f"{key}.grace_seconds")
+    if not 0 <= grace <= 3600:
+        raise ConfigError(f"{key}.grace_seconds", f"{grace} must be from 0 to 3600 seconds")
+    return HealthCheckConfig(port=port, path=path, failures=failures, grace_seconds=grace)
+
+
+def _warm_pool_reaches_auto_scaling(network: NetworkConfig, services: Sequence[ServiceConfig]) -> None:
+    """A warming instance completes its launch action before it holds any address: on an IPv6-only
+    egress it has no way to Auto Scaling (no dual-stack endpoint), and the hook would abandon it."""
+    # getattr: the network's egress field arrives with the network branch; absent, the NAT egress applies.
+    egress = getattr(network, "egress", None)
+    if egress != "ipv6":
+        return
+    for i, service in enumerate(services):
+        if service.warm_pool:
+            raise ConfigError(
+                f"services[{i}].warm_pool",
+                'not with network.egress "ipv6": a warming instance has no way to Auto Scaling '
+                "(no IPv6 endpoint) to complete its launch",
+            )
 
 
 def _object(raw: object, key: str, *, required: set[str], optional: set[str]) -> Mapping[str, Any]:
@@ -425,6 +487,12 @@ def _integer(raw: object, key: str) -> int:
     # JSON has no separate boolean-free integer type: true would pass isinstance(..., int).
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise ConfigError(key, f"expected an integer, got {_kind(raw)}")
+    return raw
+
+
+def _boolean(raw: object, key: str) -> bool:
+    if not isinstance(raw, bool):
+        raise ConfigError(key, f"expected true or false, got {_kind(raw)}")
     return raw
 
 

@@ -35,6 +35,15 @@ UNIT_RESTART_SECONDS = 30
 HOOK_HEARTBEAT = Duration.seconds(BOOT_ALLOWANCE_SECONDS + 2 * (DEADLINE_SECONDS + UNIT_RESTART_SECONDS))
 # Room for the one extra instance of a launch-before-terminate update; desired capacity stays 1.
 UPDATE_MAX_SIZE = 2
+# The warm pool: one stopped instance. Its size would default to MaxSize - desired (1 here only by
+# the update's headroom); its own minimum and the prepared capacity say it outright. The same launch
+# hook holds it twice, on the way into the pool (first boot: install, byte-compile, CONTINUE) and on
+# the way out (a start: the payload claims): each transition is its own action with the hook's full
+# window, and the first boot, the longer of the two, is the one HOOK_HEARTBEAT is sized for.
+WARM_POOL_SIZE = 1
+# The watchdog's timer period (OnUnitActiveSec of deploy/systemd/eip-reclaim-watchdog.timer); a test
+# keeps the two equal.
+WATCHDOG_PERIOD_SECONDS = 10
 
 
 class ElasticAddress(Construct):
@@ -132,6 +141,16 @@ class HealingGroup(Construct):
                 resources=[self.group_arn],
             )
         )
+        if config.health_check is not None:
+            self.role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid="ReportItsOwnHealth",
+                    # The watchdog marks its own instance unhealthy; the action has no condition key that
+                    # could pin the instance, so the group's ARN is the narrowest grant.
+                    actions=["autoscaling:SetInstanceHealth"],
+                    resources=[self.group_arn],
+                )
+            )
         self.role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="PublishHealMetrics",
@@ -226,6 +245,7 @@ class HealingGroup(Construct):
             # name would make the group depend on its own launch template's user data.
             auto_scaling_group_name=group_name,
             group_metrics=[autoscaling.GroupMetrics(autoscaling.GroupMetric.IN_SERVICE_INSTANCES)],
+            health_checks=_health_checks(config),
             # A create waits for the payload's SUCCESS (it sends FAILURE when it abandons): a stack
             # whose instance cannot take its address fails and rolls back. CDK grants the role
             # cloudformation:SignalResource on exactly this stack's id (the action has no finer type).
@@ -242,6 +262,19 @@ class HealingGroup(Construct):
             ),
         )
         Tags.of(self.group).add(SERVICE_TAG, config.name, apply_to_launched_instances=True)
+        self.warm_pool: autoscaling.WarmPool | None = None
+        if config.warm_pool:
+            # Stopped, not running: a Warmed:Running instance would enter service without a boot, and the
+            # payload (a boot unit) would never claim. A rolling update replaces in-service instances
+            # only: the pool keeps an instance of the previous launch template version until it is used
+            # or replaced, and the payload's yield rule (template version first) keeps that one from
+            # taking the address from a current member (docs/failover.md).
+            self.warm_pool = self.group.add_warm_pool(
+                min_size=WARM_POOL_SIZE,
+                max_group_prepared_capacity=WARM_POOL_SIZE + 1,
+                pool_state=autoscaling.PoolState.STOPPED,
+                reuse_on_scale_in=False,
+            )
         cfn_group = self.group.node.default_child
         assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
         # Escape hatch: a hook in the group's own specification also holds the very first instance,
@@ -267,6 +300,7 @@ class HealingGroup(Construct):
             stack_name=Aws.STACK_NAME,
             group_logical_id=stack.get_logical_id(cfn_group),
             service=config.name,
+            health_check=config.health_check,
         )
         # Fetches, verifies and installs the bundle with this configuration; the role may read that one
         # object. A new bundle or configuration changes the user data, hence the launch template.
@@ -276,6 +310,20 @@ class HealingGroup(Construct):
         self.alarms = ServiceAlarms(
             self, "Alarms", service=config.name, group_name=group_name, topic=network.alerts.topic
         )
+
+
+def _health_checks(config: ServiceConfig) -> autoscaling.HealthChecks | None:
+    """EC2 status checks, with a grace period that never hides the watchdog's report.
+
+    The group's grace period starts when the instance enters service, just after the payload's claim
+    (its CONTINUE); the watchdog's own grace starts at the claim. An Unhealthy sent with
+    ShouldRespectGracePeriod inside the group's grace would be ignored, and the watchdog reports once:
+    so the group's grace ends a timer period before the watchdog's first possible report.
+    """
+    if config.health_check is None:
+        return None
+    grace = max(0, config.health_check.grace_seconds - WATCHDOG_PERIOD_SECONDS)
+    return autoscaling.HealthChecks.ec2(grace_period=Duration.seconds(grace))
 
 
 class HealingServiceStack(Stack):

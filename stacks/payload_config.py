@@ -8,6 +8,7 @@ from typing import Any
 from aws_cdk import Aws
 from aws_cdk import aws_ec2 as ec2
 
+from stacks.config import HealthCheckConfig
 from stacks.monitoring import METRICS_NAMESPACE
 
 CONFIG_VERSION = 1
@@ -29,6 +30,7 @@ def payload_config(
     stack_name: str,
     group_logical_id: str,
     service: str,
+    health_check: HealthCheckConfig | None = None,
 ) -> dict[str, Any]:
     """The file's content. Subnet ids, the region and the allocation id may be CloudFormation tokens:
     `Stack.to_json_string` renders them, keys included, as one Fn::Join resolved at deploy.
@@ -58,3 +60,12 @@ def payload_config(
         "metrics": {"namespace": METRICS_NAMESPACE, "service": service},
         "deadline_seconds": DEADLINE_SECONDS,
     }
+    if health_check is not None:
+        # The watchdog's probe (bootstrap/watchdog.py); every value written out, the path only if set.
+        probe: dict[str, Any] = {"port": health_check.port}
+        if health_check.path is not None:
+            probe["path"] = health_check.path
+        probe["failures"] = health_check.failures
+        probe["grace_seconds"] = health_check.grace_seconds
+        config["health_check"] = probe
+    return config

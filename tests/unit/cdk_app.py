@@ -69,7 +69,7 @@ def synthesize(raw: dict[str, Any], outdir: Path) -> Synthesized:
 
 
 # A configuration that exercises what the default does not: three AZs, two services sharing the
-# network, an adopted address, an x86 instance type and a restricted ingress range.
+# network, an adopted address, an x86 instance type, a restricted ingress range, a warm pool and a watchdog.
 MULTI_RAW: dict[str, Any] = {
     "stack_prefix": "Multi",
     "network": {
@@ -79,7 +79,13 @@ MULTI_RAW: dict[str, Any] = {
         "nat_instance_type": "t3.nano",
     },
     "services": [
-        {"name": "web", "ingress_ports": [80, 443]},
+        # The warm pool and the watchdog on, so the whole-app checks (cdk-nag, cfn-lint, checkov) see them.
+        {
+            "name": "web",
+            "ingress_ports": [80, 443],
+            "warm_pool": True,
+            "health_check": {"port": 80, "path": "/"},
+        },
         {
             "name": "smtp",
             "instance_type": "t3.small",
