@@ -451,9 +451,7 @@ def _health_check(raw: object, key: str) -> HealthCheckConfig:
 def _warm_pool_reaches_auto_scaling(network: NetworkConfig, services: Sequence[ServiceConfig]) -> None:
     """A warming instance completes its launch action before it holds any address: on an IPv6-only
     egress it has no way to Auto Scaling (no dual-stack endpoint), and the hook would abandon it."""
-    # getattr: the network's egress field arrives with the network branch; absent, the NAT egress applies.
-    egress = getattr(network, "egress", None)
-    if egress != "ipv6":
+    if network.egress != EGRESS_IPV6:
         return
     for i, service in enumerate(services):
         if service.warm_pool:

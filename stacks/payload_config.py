@@ -48,7 +48,7 @@ def payload_config(
         config["dualstack"] = True
     if egress != DIRECT:
         config["nat_by_subnet"] = {subnet.subnet_id: nat_ip for subnet, nat_ip in nat_by_subnet}
-    return config | {
+    config |= {
         "lifecycle_hook": {
             "auto_scaling_group": auto_scaling_group,
             "hook": lifecycle_hook,

@@ -12,7 +12,7 @@ import pytest
 from aws_cdk.assertions import Template
 
 from bootstrap.config import load_config
-from stacks.config import ConfigError, HealthCheckConfig, NetworkConfig, parse
+from stacks.config import ConfigError, HealthCheckConfig, parse
 from stacks.healing_service import (
     BOOT_ALLOWANCE_SECONDS,
     HOOK_HEARTBEAT,
@@ -94,10 +94,6 @@ def test_bad_values_are_one_line_naming_the_key(changes: dict[str, Any], key: st
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.skipif(
-    "egress" not in NetworkConfig.__dataclass_fields__,
-    reason="network.egress arrives with the network branch",
-)
 def test_a_warm_pool_is_refused_on_an_ipv6_egress() -> None:
     # A warming instance holds no address: over IPv6 alone it cannot reach Auto Scaling to CONTINUE.
     raw = service(warm_pool=True)
