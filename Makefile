@@ -36,7 +36,7 @@ $(CHECKOV_STAMP): requirements-checkov.txt $(STAMP)
 	@touch $@
 
 ## synth: set up, then synthesize every stack of the embedded default configuration into cdk.out/
-synth: setup
+synth: $(STAMP)
 	@t0=$$(date +%s%N); cdk synth --quiet --no-notices && \
 	  echo "==> synthesized in $$(( ($$(date +%s%N) - t0) / 1000000 )) ms:" && ls -1 cdk.out/*.template.json
 

@@ -67,6 +67,9 @@ TRANSIENT_CODES = frozenset(
 BACKOFF_BASE_SECONDS = 0.2
 BACKOFF_CAP_SECONDS = 5.0
 ASG_TAG = "aws:autoscaling:groupName"
+# EC2 tags an instance launched from a launch template with the template's version (reserved: no one
+# can set it by hand).
+TEMPLATE_VERSION_TAG = "aws:ec2launchtemplate:version"
 # Another instance may associate the address right after this one (two members claiming at once): the
 # verify then sees it and decides again (yield or associate again), at most this many times per run.
 MAX_REASSOCIATIONS = 3
@@ -186,11 +189,27 @@ def _newer_member(ec2: EC2Client, retrier: Retrier, me: str, holder: str) -> Opt
 
     if group(mine) is None or group(mine) != group(theirs):
         return None
-    # Two members launched in the same second: the instance id breaks the tie, the same way on both, so
-    # exactly one of them yields.
-    if (theirs["LaunchTime"], theirs["InstanceId"]) > (mine["LaunchTime"], mine["InstanceId"]):
+    if _seniority(theirs) > _seniority(mine):
         return group(mine)
     return None
+
+
+def _seniority(instance: Any) -> tuple[int, Any, str]:
+    """Which of two members of a group keeps the address: the larger tuple.
+
+    1. The launch template version (EC2's reserved `aws:ec2launchtemplate:version` tag): a member of a
+       newer version of the group's template always wins against an older one. With a warm pool, a
+       rolling update replaces the members in service but not the pool's stopped instances, so a pool
+       instance still on the old template may be started while the new member serves; it must not take
+       the address from it.
+    2. `LaunchTime`, which EC2 resets at every start: among members of one version, the one started last
+       is the one Auto Scaling just put in service (a replacement, or a pool instance leaving the pool),
+       so it wins against the member it replaces while that one is still running.
+    3. The instance id: two members started in the same second decide the same way on both.
+    """
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    version = tags.get(TEMPLATE_VERSION_TAG, "")
+    return (int(version) if version.isdigit() else 0, instance["LaunchTime"], instance["InstanceId"])
 
 
 def claim(ec2: EC2Client, instance_id: str, allocation_id: str, retrier: Retrier) -> Outcome:

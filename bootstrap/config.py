@@ -51,6 +51,7 @@ _OPTIONAL = (
     "nat_by_subnet",
     "egress",
     "dualstack",
+    "health_check",
 )
 _STACK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,127}")
 _LOGICAL_ID = re.compile(r"[A-Za-z0-9]{1,255}")
@@ -75,6 +76,19 @@ class StackSignal:
 
     stack: str
     resource: str
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """The watchdog's probe of the service on this instance (bootstrap/watchdog.py)."""
+
+    port: int
+    # HTTP GET of this path (any 2xx or 3xx is healthy); None: a TCP connect is the probe.
+    path: Optional[str] = None
+    # Consecutive failed probes before the instance reports itself unhealthy.
+    failures: int = 3
+    # No probe until the service has had this long since the payload took the address.
+    grace_seconds: int = 60
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,7 @@ class Config:
     # A test run (the VPC lab, the kernel tests): plain-HTTP endpoints and the test switches are allowed.
     test: bool = False
     egress: str = "policy-route"
+    health_check: Optional[HealthCheck] = None
     # With egress direct: EC2's dual-stack endpoint (an IPv6-only way out).
     dualstack: bool = False
 
@@ -200,6 +215,25 @@ def _signal(value: Any) -> StackSignal:
     )
 
 
+def _whole(key: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(key, f"{value!r} is not a whole number from {low} to {high}")
+    return value
+
+
+def _health_check(value: Any) -> HealthCheck:
+    value = _object("health_check", value, ("port",), ("path", "failures", "grace_seconds"))
+    path = value.get("path")
+    if path is not None and (not isinstance(path, str) or not re.fullmatch(r"/[^\s]*", path)):
+        raise _fail("health_check.path", f"{path!r} is not an absolute URL path (starting with /)")
+    return HealthCheck(
+        port=_whole("health_check.port", value["port"], 1, 65535),
+        path=path,
+        failures=_whole("health_check.failures", value.get("failures", 3), 1, 100),
+        grace_seconds=_whole("health_check.grace_seconds", value.get("grace_seconds", 60), 0, 3600),
+    )
+
+
 def _metrics(value: Any) -> Metrics:
     value = _object("metrics", value, ("namespace", "service"))
     return Metrics(
@@ -261,6 +295,7 @@ def parse_config(data: Any) -> Config:
         nat_by_subnet=_nat_map(data["nat_by_subnet"]) if "nat_by_subnet" in data else {},
         egress=egress,
         dualstack=dualstack,
+        health_check=None if data.get("health_check") is None else _health_check(data["health_check"]),
         lifecycle_hook=None if hook is None else _hook(hook),
         deadline_seconds=_deadline(data.get("deadline_seconds", DEFAULT_DEADLINE_SECONDS)),
         imds_url=_string("imds_url", data.get("imds_url", DEFAULT_IMDS_URL), _URL, "an http(s) URL").rstrip(

@@ -58,6 +58,10 @@ class Imds(Protocol):
 
     def credentials(self) -> Optional[Credentials]: ...
 
+    def target_lifecycle_state(self) -> Optional[str]:
+        """Where Auto Scaling takes this instance (`InService`, `Warmed:Stopped`...); None outside a group."""
+        ...
+
 
 class HttpImds:
     """IMDSv2 over a fresh HTTP connection per request (routes may change between two requests)."""
@@ -139,6 +143,12 @@ class HttpImds:
         except ImdsNotFound:
             public = None
         return Identity(instance_id, mac, subnet_id, subnet_cidr, vpc_cidrs, public)
+
+    def target_lifecycle_state(self) -> Optional[str]:
+        try:
+            return self.get("autoscaling/target-lifecycle-state").strip() or None
+        except ImdsNotFound:
+            return None
 
     def credentials(self) -> Optional[Credentials]:
         """The instance role's credentials, or None when the instance has no role."""

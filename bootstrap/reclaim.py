@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 _C = TypeVar("_C")
+_T = TypeVar("_T")
+# Written once this instance holds the address; the watchdog waits for it.
+CLAIMED_MARK = "claimed"
+# IMDS autoscaling/target-lifecycle-state values for which this instance must not take the address.
+NOT_IN_SERVICE = ("Terminated", "Standby", "Detached")
 
 
 class Clients(Protocol):
@@ -109,6 +114,7 @@ class _Run:
         self.identity = identity
         self.creds: Optional[Credentials] = None
         self.verified = False  # the claim ended with the address held by this instance or a newer member
+        self.through_nat = False  # the API is reached through the NAT (no public IPv4, a NAT egress)
         self.failure_reported = False
         self.reporter = Reporter(
             config=config,
@@ -181,8 +187,8 @@ class _Run:
         self.reporter.failed(where=where)
 
 
-def _claim_through(run: _Run, nat: str) -> tuple[Outcome, bool]:
-    """Open the egress via the NAT, claim and report through it, undo it; (outcome, all reported)."""
+def _through(run: _Run, nat: str, work: Callable[[egress.Egress], _T]) -> _T:
+    """Open the egress via the NAT, do `work` through it, undo it on every way out."""
     deps, config = run.deps, run.config
     api = _api_address(config)
     with deps.netlink() as netlink:
@@ -201,21 +207,31 @@ def _claim_through(run: _Run, nat: str) -> tuple[Outcome, bool]:
         try:
             # Inside the try: an interrupt right after the journal write still undoes (a no-op then).
             way.prepare()
-            try:
-                outcome = run.claim(way)
-            except ReclaimError as err:
-                # Through the egress, before the undo: without a public IPv4 the instance has no way to
-                # the API afterwards, and the group would wait out the hook's timeout.
-                run.fail(err, where="through the detour")
-                raise
-            LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
-            # Through the egress too, before the undo: the Elastic IP's path can take a moment.
-            reported = run.reporter.succeeded(until_deadline=False, where="through the detour")
+            run.reporter.adopt = way.adopt
+            return work(way)
         finally:
             run.reporter.adopt = _nothing
             deps.interrupts.disarm()
             way.undo()
-    return outcome, reported
+
+
+def _claim_and_report(run: _Run, way: egress.Egress) -> tuple[Outcome, bool]:
+    """Claim, then CONTINUE and the SUCCESS signal through the egress in place; (outcome, all reported)."""
+    try:
+        outcome = run.claim(way)
+    except ReclaimError as err:
+        # Through the egress, before the undo: without a public IPv4 the instance has no way to the API
+        # afterwards, and the group would wait out the hook's timeout.
+        run.fail(err, where="through the detour")
+        raise
+    LOG.info("ec2: %s: %s", run.config.allocation_id, outcome.value)
+    # Through the egress too, before the undo: the Elastic IP's path can take a moment.
+    return outcome, run.reporter.succeeded(until_deadline=False, where="through the detour")
+
+
+def _warm_up(run: _Run, way: egress.Egress) -> bool:
+    """An instance being prepared for the warm pool: complete its launch action, and nothing else."""
+    return run.reporter.warmed(where="through the detour" if run.through_nat else "directly")
 
 
 def _api_address(config: Config) -> str:
@@ -268,15 +284,33 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         ",".join(identity.vpc_cidrs),
         identity.public_ipv4 or "none",
     )
+    target = deps.imds.target_lifecycle_state()
+    if target in NOT_IN_SERVICE:
+        LOG.info("autoscaling: target lifecycle state %s: not taking the address; no change", target)
+        return EXIT_OK
     state = _Run(config, deps, deadline, identity)
-    nat: Optional[str] = None
+    warming = target is not None and target.startswith("Warmed:")
     try:
         nat = config.nat_for(identity.subnet_id) if config.egress in egress.VIA_NAT else None
+        state.through_nat = nat is not None and not identity.public_ipv4
         creds = state.credentials()
         LOG.info(
             "imds: %s", "role credentials read" if creds else "no instance role; default credential chain"
         )
-        if identity.public_ipv4 or nat is None:
+        if warming:
+            # Prepared for the warm pool (its first boot, then stopped): the address and the routes are
+            # left alone; only the launch action waits. Put in service later, it boots again and claims.
+            LOG.info("autoscaling: target lifecycle state %s: warming up for the pool; no claim", target)
+            if nat is not None and state.through_nat:
+                done = _through(state, nat, lambda way: _warm_up(state, way))
+            else:
+                done = _warm_up(state, Direct())
+            if not done:
+                raise TransientError(
+                    "lifecycle: CONTINUE for the warm pool could not be sent; a restarted run sends it"
+                )
+            return EXIT_OK
+        if not state.through_nat:
             # A public address means the API is reachable as things are (and if it is the Elastic IP,
             # DescribeAddresses shows it is ours); egress direct reaches it by IPv6 or an endpoint.
             if identity.public_ipv4:
@@ -289,16 +323,19 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
             LOG.info("ec2: %s: %s", config.allocation_id, outcome.value)
             reported = False
         else:
-            outcome, reported = _claim_through(state, nat)
+            assert nat is not None
+            outcome, reported = _through(state, nat, lambda way: _claim_and_report(state, way))
     except ReclaimError as err:
         deps.interrupts.disarm()
-        through_nat = nat is not None and not identity.public_ipv4
-        state.fail(err, where="after the restore" if through_nat else "directly")
+        state.fail(err, where="after the restore" if state.through_nat else "directly")
         raise
     from bootstrap.claim import Outcome  # noqa: PLC0415 (botocore is loaded by now)
 
     heal_seconds = deadline.elapsed()
     deps.interrupts.disarm()
+    if outcome is not Outcome.YIELDED:
+        # The watchdog (bootstrap/watchdog.py) probes the service only once this instance holds the address.
+        state.reporter.marks.mark(CLAIMED_MARK, identity.instance_id)
     if not reported:
         # Over the Elastic IP (or the public address), until the deadline: a launch action left pending
         # times out to ABANDON, and the group would terminate the instance that holds the address.

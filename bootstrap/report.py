@@ -80,6 +80,23 @@ class Reporter:
             done = done and sent is not None
         return done
 
+    def warmed(self, *, where: str) -> bool:
+        """CONTINUE for a launch into the warm pool; True when nothing is left to send.
+
+        Not recorded as done, and no signal: the same hook fires again when the instance leaves the
+        pool, and the stack's creation policy waits for the instance that takes the address.
+        """
+        if self.config.lifecycle_hook is None:
+            return True
+        sent = self._report(
+            "CONTINUE (warm pool)",
+            lambda result: self._complete(result, into_pool=True),
+            "CONTINUE",
+            until_deadline=True,
+            where=where,
+        )
+        return sent is not None
+
     def failed(self, *, where: str) -> bool:
         """ABANDON, the FAILURE signal and the Abandoned metric; True if an ABANDON was accepted."""
         abandoned = False
@@ -167,7 +184,9 @@ class Reporter:
                 LOG.warning("report: %s %s: not sent: %s", what, where, self.stopped)
                 return None
 
-    def _complete(self, result: str) -> bool:
+    def _complete(self, result: str, *, into_pool: bool = False) -> bool:
+        """CompleteLifecycleAction; recorded as done, except on the way into the warm pool (the same hook
+        fires again when the instance leaves it)."""
         hook = self.config.lifecycle_hook
         assert hook is not None
 
@@ -180,12 +199,14 @@ class Reporter:
             )
 
         sent = self._call("autoscaling", call, nothing_waiting=NO_ACTION)
+        pool = " (into the warm pool)" if into_pool else ""
         if sent:
-            LOG.info("lifecycle: %s sent for %s/%s", result, hook.auto_scaling_group, hook.hook)
+            LOG.info("lifecycle: %s sent for %s/%s%s", result, hook.auto_scaling_group, hook.hook, pool)
         else:
             # Every run but the first boot's (reboots, the re-check timer): nothing is waiting.
-            LOG.info("lifecycle: no pending launch action for this instance; nothing to complete")
-        self.marks.mark(LIFECYCLE_MARK, self.instance_id)
+            LOG.info("lifecycle: no pending launch action for this instance%s; nothing to complete", pool)
+        if not into_pool:
+            self.marks.mark(LIFECYCLE_MARK, self.instance_id)
         return sent
 
     def _signal(self, status: str) -> bool:

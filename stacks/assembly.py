@@ -9,9 +9,19 @@ from cdk_nag import AwsSolutionsChecks
 
 from stacks import nag
 from stacks.bundle import BundleInfo, build_bundle
-from stacks.config import AppConfig
+from stacks.config import EGRESS_INTERFACE_ENDPOINTS, EGRESS_IPV6, EGRESS_NAT_INSTANCES, AppConfig
 from stacks.healing_service import HealingServiceStack
 from stacks.network import NetworkStack
+
+NETWORK_DESCRIPTIONS = {
+    EGRESS_NAT_INSTANCES: (
+        "eip-reclaim: VPC, NAT instances at stable addresses, S3 endpoint, flow logs, alerts"
+    ),
+    EGRESS_IPV6: "eip-reclaim: dual-stack VPC (IPv6 egress, no NAT), S3 endpoint, flow logs, alerts",
+    EGRESS_INTERFACE_ENDPOINTS: (
+        "eip-reclaim: VPC, API interface endpoints (no NAT), S3 endpoint, flow logs, alerts"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,7 @@ def build(app: App, config: AppConfig, *, checks: bool = True, bundle: BundleInf
         f"{config.stack_prefix}-Network",
         config=config.network,
         alarm_topic_arn=config.alarm_topic_arn,
-        description="eip-reclaim: VPC, NAT instances at stable addresses, S3 endpoint, flow logs, alerts",
+        description=NETWORK_DESCRIPTIONS[config.network.egress],
     )
     services = []
     for service in config.services:

@@ -32,7 +32,30 @@ _MAX_AZS = 6
 # and the payload's code keeps to 3.9 (vermin in `make lint`), so nothing older.
 DEFAULT_PAYLOAD_PYTHON = "3.9"
 _PYTHON_VERSION = re.compile(r"^3\.(9|[1-9][0-9])$")
+# Resource ids of a team's own VPC: a prefix and 8 (older) or 17 hex digits.
+_VPC_ID = re.compile(r"^vpc-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+_SUBNET_ID = re.compile(r"^subnet-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+_ROUTE_TABLE_ID = re.compile(r"^rtb-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+# An availability zone's name: its region's name and a letter (us-east-1a), or a Local Zone's
+# (us-west-2-lax-1a).
+_AZ_NAME = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+[a-z]$")
+# How the instance reaches the API before it holds its address (README, "Network choices").
+EGRESS_NAT_INSTANCES = "nat-instances"
+EGRESS_IPV6 = "ipv6"
+EGRESS_INTERFACE_ENDPOINTS = "interface-endpoints"
+EGRESS_CHOICES = (EGRESS_NAT_INSTANCES, EGRESS_IPV6, EGRESS_INTERFACE_ENDPOINTS)
+# The payload's two NAT strategies (bootstrap/egress); the first is its default.
+NAT_EGRESS_CHOICES = ("policy-route", "main-table")
+# What a team's VPC may already have that the app would otherwise add: the S3 gateway endpoint (the
+# user data fetches the payload through it) and the interface endpoints of the payload's four APIs. A
+# second private-DNS endpoint for the same service would collide with the first.
+INTERFACE_ENDPOINT_SERVICES = ("ec2", "autoscaling", "cloudformation", "monitoring")
+ENDPOINT_NAMES = ("s3", *INTERFACE_ENDPOINT_SERVICES)
+# The keys that describe a VPC the app creates; a team's own VPC is described by the others.
+_NEW_VPC_KEYS = ("cidr", "az_count", "subnet_prefix_length")
 # An SNS topic ARN in any partition: arn:<partition>:sns:<region>:<12-digit account>:<name>.
+# An absolute URL path without whitespace, as the payload's health_check.path accepts it.
+_URL_PATH = re.compile(r"^/\S*$")
 _TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z]{2}(-[a-z]+)+-\d+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
 
 
@@ -46,18 +69,75 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ExistingSubnet:
+    """A public subnet of a team's own VPC, as the configuration states it (no lookup at synth)."""
+
+    subnet_id: str
+    availability_zone: str
+    cidr: str
+    route_table_id: str
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
-    """The VPC that every healing service of this app shares."""
+    """The VPC that every healing service of this app shares: a new one, or a team's own (`vpc_id`)."""
 
     cidr: str = "10.0.0.0/16"
     az_count: int = 2
     subnet_prefix_length: int = 24
     nat_instance_type: str = "t4g.nano"
     flow_log_retention_days: int = 30
+    egress: str = EGRESS_NAT_INSTANCES
+    # The payload's strategy through the NATs (with egress nat-instances only).
+    nat_egress: str = NAT_EGRESS_CHOICES[0]
+    # A team's own VPC: its id, and (since nothing is looked up) what it has. `cidr` then holds the VPC's
+    # primary IPv4 block and `az_count` the number of public subnets.
+    vpc_id: str | None = None
+    public_subnets: tuple[ExistingSubnet, ...] = ()
+    existing_endpoints: frozenset[str] = frozenset()
 
     @property
     def nat_is_arm64(self) -> bool:
         return is_graviton(self.nat_instance_type)
+
+    @property
+    def uses_nat_instances(self) -> bool:
+        return self.egress == EGRESS_NAT_INSTANCES
+
+    @property
+    def is_existing_vpc(self) -> bool:
+        return self.vpc_id is not None
+
+    @property
+    def payload_egress(self) -> str:
+        """The payload's `egress` for this network (bootstrap/egress)."""
+        return self.nat_egress if self.uses_nat_instances else "direct"
+
+    @property
+    def payload_dualstack(self) -> bool:
+        """True when the payload must call EC2 at its dual-stack endpoint (IPv6 is its only way out)."""
+        return self.egress == EGRESS_IPV6
+
+    @property
+    def endpoints_to_add(self) -> tuple[str, ...]:
+        """The interface endpoints the app creates: those of its APIs that the VPC does not have yet."""
+        if self.egress != EGRESS_INTERFACE_ENDPOINTS:
+            return ()
+        return tuple(s for s in INTERFACE_ENDPOINT_SERVICES if s not in self.existing_endpoints)
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """The watchdog's probe of the service on its instance (bootstrap/watchdog.py): the same shape as the
+    payload configuration's `health_check`."""
+
+    port: int
+    # HTTP GET of this path (2xx/3xx is healthy); None: a TCP connect is the probe.
+    path: str | None = None
+    # Failed probes in a row (one every 10 s) before the instance reports itself unhealthy.
+    failures: int = 3
+    # No probe until the service has had this long since its instance took the address.
+    grace_seconds: int = 60
 
 
 @dataclass(frozen=True)
@@ -70,6 +150,10 @@ class ServiceConfig:
     ingress_cidr: str = "0.0.0.0/0"
     allocation_id: str | None = None
     root_volume_gib: int = 8
+    # One stopped, pre-initialized instance beside the in-service one (docs/failover.md).
+    warm_pool: bool = False
+    # The watchdog: None leaves detection to EC2's status checks.
+    health_check: HealthCheckConfig | None = None
 
     @property
     def is_arm64(self) -> bool:
@@ -131,6 +215,7 @@ def parse(raw: object) -> AppConfig:
     _unique([s.name for s in services], "services", "name")
     # Two services holding one address would take it from each other at every boot.
     _unique([s.allocation_id for s in services], "services", "allocation_id")
+    _warm_pool_reaches_auto_scaling(network, services)
     python = _string(top.get("payload_python_version", DEFAULT_PAYLOAD_PYTHON), "payload_python_version")
     if not _PYTHON_VERSION.match(python):
         raise ConfigError(
@@ -153,8 +238,46 @@ def parse(raw: object) -> AppConfig:
 
 def _network(raw: object) -> NetworkConfig:
     key = "network"
-    obj = _object(raw, key, required=set(), optional=set(NetworkConfig.__dataclass_fields__))
+    fields = set(NetworkConfig.__dataclass_fields__) - {"public_subnets", "existing_endpoints"}
+    obj = _object(
+        raw, key, required=set(), optional=fields | {"vpc_cidr", "public_subnets", "existing_endpoints"}
+    )
     default = NetworkConfig()
+    egress = _choice(obj.get("egress", default.egress), f"{key}.egress", EGRESS_CHOICES)
+    if egress != EGRESS_NAT_INSTANCES:
+        # Keys that would silently do nothing are refused: the team meant something by them.
+        for nat_only in ("nat_egress", "nat_instance_type"):
+            if nat_only in obj:
+                raise ConfigError(
+                    f"{key}.{nat_only}",
+                    f"applies only to network.egress {EGRESS_NAT_INSTANCES!r}, not {egress!r}: remove it",
+                )
+    nat_egress = _choice(obj.get("nat_egress", default.nat_egress), f"{key}.nat_egress", NAT_EGRESS_CHOICES)
+    nat_type = _instance_type(
+        obj.get("nat_instance_type", default.nat_instance_type), f"{key}.nat_instance_type"
+    )
+    retention = _integer(
+        obj.get("flow_log_retention_days", default.flow_log_retention_days), f"{key}.flow_log_retention_days"
+    )
+    if retention not in _LOG_RETENTION_DAYS:
+        raise ConfigError(
+            f"{key}.flow_log_retention_days",
+            f"{retention} is not a CloudWatch Logs retention period "
+            f"({', '.join(map(str, sorted(_LOG_RETENTION_DAYS)))})",
+        )
+    common: dict[str, Any] = {
+        "nat_instance_type": nat_type,
+        "flow_log_retention_days": retention,
+        "egress": egress,
+        "nat_egress": nat_egress,
+    }
+    if "vpc_id" in obj:
+        return _existing_vpc(obj, key, common)
+    for byo_only in ("vpc_cidr", "public_subnets", "existing_endpoints"):
+        if byo_only in obj:
+            raise ConfigError(
+                f"{key}.{byo_only}", "describes a team's own VPC: it applies only with network.vpc_id"
+            )
     cidr = _cidr(obj.get("cidr", default.cidr), f"{key}.cidr")
     vpc = ipaddress.IPv4Network(cidr)
     if not 16 <= vpc.prefixlen <= 24:
@@ -180,25 +303,86 @@ def _network(raw: object) -> NetworkConfig:
             f"{key}.subnet_prefix_length",
             f"{needed} subnets of /{prefix} (a public and a private one per AZ) do not fit in {cidr}",
         )
-    nat_type = _instance_type(
-        obj.get("nat_instance_type", default.nat_instance_type), f"{key}.nat_instance_type"
-    )
-    retention = _integer(
-        obj.get("flow_log_retention_days", default.flow_log_retention_days), f"{key}.flow_log_retention_days"
-    )
-    if retention not in _LOG_RETENTION_DAYS:
+    return NetworkConfig(cidr=cidr, az_count=az_count, subnet_prefix_length=prefix, **common)
+
+
+def _existing_vpc(obj: Mapping[str, Any], key: str, common: dict[str, Any]) -> NetworkConfig:
+    """A team's own VPC: what it is and has, stated in the configuration (nothing is looked up)."""
+    for new_only in _NEW_VPC_KEYS:
+        if new_only in obj:
+            raise ConfigError(
+                f"{key}.{new_only}",
+                "describes a VPC the app creates: with network.vpc_id give network.vpc_cidr and "
+                "network.public_subnets instead",
+            )
+    vpc_id = _string(obj["vpc_id"], f"{key}.vpc_id")
+    if not _VPC_ID.match(vpc_id):
+        raise ConfigError(f"{key}.vpc_id", f"{vpc_id!r} is not a VPC id (vpc- and 8 or 17 hex digits)")
+    if "vpc_cidr" not in obj:
+        raise ConfigError(f"{key}.vpc_cidr", "required with network.vpc_id (the VPC's primary IPv4 block)")
+    vpc_cidr = _cidr(obj["vpc_cidr"], f"{key}.vpc_cidr")
+    if not 16 <= ipaddress.IPv4Network(vpc_cidr).prefixlen <= 28:
+        raise ConfigError(f"{key}.vpc_cidr", f"{vpc_cidr!r}: a VPC's block is /16 to /28")
+    subnets_raw = obj.get("public_subnets")
+    if subnets_raw is None:
         raise ConfigError(
-            f"{key}.flow_log_retention_days",
-            f"{retention} is not a CloudWatch Logs retention period "
-            f"({', '.join(map(str, sorted(_LOG_RETENTION_DAYS)))})",
+            f"{key}.public_subnets", "required with network.vpc_id (one public subnet per AZ to use)"
         )
-    return NetworkConfig(
-        cidr=cidr,
-        az_count=az_count,
-        subnet_prefix_length=prefix,
-        nat_instance_type=nat_type,
-        flow_log_retention_days=retention,
+    if not isinstance(subnets_raw, list):
+        raise ConfigError(f"{key}.public_subnets", f"expected a list of subnets, got {_kind(subnets_raw)}")
+    if not 2 <= len(subnets_raw) <= _MAX_AZS:
+        raise ConfigError(
+            f"{key}.public_subnets",
+            f"{len(subnets_raw)} subnets: needs 2 to {_MAX_AZS}, one per availability zone "
+            "(the group fails over between them)",
+        )
+    subnets = tuple(
+        _existing_subnet(item, f"{key}.public_subnets[{i}]", vpc_cidr) for i, item in enumerate(subnets_raw)
     )
+    _unique([s.subnet_id for s in subnets], f"{key}.public_subnets", "subnet_id")
+    # One subnet per AZ: the NATs and the interface endpoints have one place per AZ.
+    _unique([s.availability_zone for s in subnets], f"{key}.public_subnets", "availability_zone")
+    endpoints_raw = obj.get("existing_endpoints", [])
+    if not isinstance(endpoints_raw, list):
+        raise ConfigError(
+            f"{key}.existing_endpoints", f"expected a list of endpoint names, got {_kind(endpoints_raw)}"
+        )
+    endpoints = [
+        _choice(e, f"{key}.existing_endpoints[{i}]", ENDPOINT_NAMES) for i, e in enumerate(endpoints_raw)
+    ]
+    _unique(endpoints, f"{key}.existing_endpoints", None)
+    return NetworkConfig(
+        cidr=vpc_cidr,
+        az_count=len(subnets),
+        vpc_id=vpc_id,
+        public_subnets=subnets,
+        existing_endpoints=frozenset(endpoints),
+        **common,
+    )
+
+
+def _existing_subnet(raw: object, key: str, vpc_cidr: str) -> ExistingSubnet:
+    fields = set(ExistingSubnet.__dataclass_fields__)
+    obj = _object(raw, key, required=fields, optional=set())
+    subnet_id = _string(obj["subnet_id"], f"{key}.subnet_id")
+    if not _SUBNET_ID.match(subnet_id):
+        raise ConfigError(
+            f"{key}.subnet_id", f"{subnet_id!r} is not a subnet id (subnet- and 8 or 17 hex digits)"
+        )
+    zone = _string(obj["availability_zone"], f"{key}.availability_zone")
+    if not _AZ_NAME.match(zone):
+        raise ConfigError(f"{key}.availability_zone", f"{zone!r} is not an availability zone name")
+    cidr = _cidr(obj["cidr"], f"{key}.cidr")
+    if not ipaddress.IPv4Network(cidr).subnet_of(ipaddress.IPv4Network(vpc_cidr)):
+        raise ConfigError(f"{key}.cidr", f"{cidr} does not lie in network.vpc_cidr {vpc_cidr}")
+    if ipaddress.IPv4Network(cidr).prefixlen > 28:
+        raise ConfigError(f"{key}.cidr", f"{cidr}: AWS subnets are /28 or larger")
+    route_table = _string(obj["route_table_id"], f"{key}.route_table_id")
+    if not _ROUTE_TABLE_ID.match(route_table):
+        raise ConfigError(
+            f"{key}.route_table_id", f"{route_table!r} is not a route table id (rtb- and 8 or 17 hex digits)"
+        )
+    return ExistingSubnet(subnet_id=subnet_id, availability_zone=zone, cidr=cidr, route_table_id=route_table)
 
 
 def _service(raw: object, key: str) -> ServiceConfig:
@@ -229,6 +413,9 @@ def _service(raw: object, key: str) -> ServiceConfig:
     # Amazon Linux 2023's image needs 2 GiB; 16 TiB is gp3's ceiling.
     if not 2 <= root <= 16384:
         raise ConfigError(f"{key}.root_volume_gib", f"{root} must be from 2 to 16384 GiB")
+    warm_pool = _boolean(obj.get("warm_pool", default.warm_pool), f"{key}.warm_pool")
+    health_raw = obj.get("health_check")
+    health = None if health_raw is None else _health_check(health_raw, f"{key}.health_check")
     return ServiceConfig(
         name=name,
         instance_type=instance_type,
@@ -236,7 +423,43 @@ def _service(raw: object, key: str) -> ServiceConfig:
         ingress_cidr=ingress_cidr,
         allocation_id=allocation_id,
         root_volume_gib=root,
+        warm_pool=warm_pool,
+        health_check=health,
     )
+
+
+def _health_check(raw: object, key: str) -> HealthCheckConfig:
+    fields = set(HealthCheckConfig.__dataclass_fields__)
+    obj = _object(raw, key, required={"port"}, optional=fields - {"port"})
+    default = HealthCheckConfig(port=1)
+    port = _port(obj["port"], f"{key}.port")
+    path = obj.get("path")
+    if path is not None:
+        path = _string(path, f"{key}.path")
+        if not _URL_PATH.match(path):
+            raise ConfigError(f"{key}.path", f"{path!r} is not an absolute URL path (starting with /)")
+    # The payload's own bounds (bootstrap/config.py), so the instance never refuses what synth accepted.
+    failures = _integer(obj.get("failures", default.failures), f"{key}.failures")
+    if not 1 <= failures <= 100:
+        raise ConfigError(f"{key}.failures", f"{failures} must be from 1 to 100")
+    grace = _integer(obj.get("grace_seconds", default.grace_seconds), f"{key}.grace_seconds")
+    if not 0 <= grace <= 3600:
+        raise ConfigError(f"{key}.grace_seconds", f"{grace} must be from 0 to 3600 seconds")
+    return HealthCheckConfig(port=port, path=path, failures=failures, grace_seconds=grace)
+
+
+def _warm_pool_reaches_auto_scaling(network: NetworkConfig, services: Sequence[ServiceConfig]) -> None:
+    """A warming instance completes its launch action before it holds any address: on an IPv6-only
+    egress it has no way to Auto Scaling (no dual-stack endpoint), and the hook would abandon it."""
+    if network.egress != EGRESS_IPV6:
+        return
+    for i, service in enumerate(services):
+        if service.warm_pool:
+            raise ConfigError(
+                f"services[{i}].warm_pool",
+                'not with network.egress "ipv6": a warming instance has no way to Auto Scaling '
+                "(no IPv6 endpoint) to complete its launch",
+            )
 
 
 def _object(raw: object, key: str, *, required: set[str], optional: set[str]) -> Mapping[str, Any]:
@@ -265,6 +488,12 @@ def _integer(raw: object, key: str) -> int:
     return raw
 
 
+def _boolean(raw: object, key: str) -> bool:
+    if not isinstance(raw, bool):
+        raise ConfigError(key, f"expected true or false, got {_kind(raw)}")
+    return raw
+
+
 def _cidr(raw: object, key: str) -> str:
     text = _string(raw, key)
     try:
@@ -274,6 +503,13 @@ def _cidr(raw: object, key: str) -> str:
     if "/" not in text:
         raise ConfigError(key, f"{text!r} is not an IPv4 CIDR block (no prefix length)")
     return str(network)
+
+
+def _choice(raw: object, key: str, choices: Sequence[str]) -> str:
+    text = _string(raw, key)
+    if text not in choices:
+        raise ConfigError(key, f"{text!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return text
 
 
 def _port(raw: object, key: str) -> int:

@@ -35,6 +35,15 @@ UNIT_RESTART_SECONDS = 30
 HOOK_HEARTBEAT = Duration.seconds(BOOT_ALLOWANCE_SECONDS + 2 * (DEADLINE_SECONDS + UNIT_RESTART_SECONDS))
 # Room for the one extra instance of a launch-before-terminate update; desired capacity stays 1.
 UPDATE_MAX_SIZE = 2
+# The warm pool: one stopped instance. Its size would default to MaxSize - desired (1 here only by
+# the update's headroom); its own minimum and the prepared capacity say it outright. The same launch
+# hook holds it twice, on the way into the pool (first boot: install, byte-compile, CONTINUE) and on
+# the way out (a start: the payload claims): each transition is its own action with the hook's full
+# window, and the first boot, the longer of the two, is the one HOOK_HEARTBEAT is sized for.
+WARM_POOL_SIZE = 1
+# The watchdog's timer period (OnUnitActiveSec of deploy/systemd/eip-reclaim-watchdog.timer); a test
+# keeps the two equal.
+WATCHDOG_PERIOD_SECONDS = 10
 
 
 class ElasticAddress(Construct):
@@ -132,6 +141,16 @@ class HealingGroup(Construct):
                 resources=[self.group_arn],
             )
         )
+        if config.health_check is not None:
+            self.role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid="ReportItsOwnHealth",
+                    # The watchdog marks its own instance unhealthy; the action has no condition key that
+                    # could pin the instance, so the group's ARN is the narrowest grant.
+                    actions=["autoscaling:SetInstanceHealth"],
+                    resources=[self.group_arn],
+                )
+            )
         self.role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="PublishHealMetrics",
@@ -148,6 +167,8 @@ class HealingGroup(Construct):
             vpc=network.vpc,
             description=f"eip-reclaim {config.name}: the service ports",
             allow_all_outbound=True,
+            # In an IPv6 network the EC2 API is reached over IPv6 before the address is claimed.
+            allow_all_ipv6_outbound=network.config.payload_dualstack,
         )
         for port in config.ingress_ports:
             self.security_group.add_ingress_rule(
@@ -201,6 +222,14 @@ class HealingGroup(Construct):
             ],
         )
 
+        if network.config.payload_dualstack:
+            cfn_template = self.launch_template.node.default_child
+            assert isinstance(cfn_template, ec2.CfnLaunchTemplate)
+            # Escape hatch: LaunchTemplate has no IPv6 property. One IPv6 address on the primary
+            # interface is the instance's way to the EC2 API's dual-stack endpoint before it holds the
+            # Elastic IP (IMDS stays on IPv4).
+            cfn_template.add_property_override("LaunchTemplateData.NetworkInterfaces.0.Ipv6AddressCount", 1)
+
         self.group = autoscaling.AutoScalingGroup(
             self,
             "Group",
@@ -216,6 +245,7 @@ class HealingGroup(Construct):
             # name would make the group depend on its own launch template's user data.
             auto_scaling_group_name=group_name,
             group_metrics=[autoscaling.GroupMetrics(autoscaling.GroupMetric.IN_SERVICE_INSTANCES)],
+            health_checks=_health_checks(config),
             # A create waits for the payload's SUCCESS (it sends FAILURE when it abandons): a stack
             # whose instance cannot take its address fails and rolls back. CDK grants the role
             # cloudformation:SignalResource on exactly this stack's id (the action has no finer type).
@@ -232,6 +262,19 @@ class HealingGroup(Construct):
             ),
         )
         Tags.of(self.group).add(SERVICE_TAG, config.name, apply_to_launched_instances=True)
+        self.warm_pool: autoscaling.WarmPool | None = None
+        if config.warm_pool:
+            # Stopped, not running: a Warmed:Running instance would enter service without a boot, and the
+            # payload (a boot unit) would never claim. A rolling update replaces in-service instances
+            # only: the pool keeps an instance of the previous launch template version until it is used
+            # or replaced, and the payload's yield rule (template version first) keeps that one from
+            # taking the address from a current member (docs/failover.md).
+            self.warm_pool = self.group.add_warm_pool(
+                min_size=WARM_POOL_SIZE,
+                max_group_prepared_capacity=WARM_POOL_SIZE + 1,
+                pool_state=autoscaling.PoolState.STOPPED,
+                reuse_on_scale_in=False,
+            )
         cfn_group = self.group.node.default_child
         assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
         # Escape hatch: a hook in the group's own specification also holds the very first instance,
@@ -248,6 +291,8 @@ class HealingGroup(Construct):
         # CloudFormation expressions until deploy.
         self.payload_config = payload_config(
             allocation_id=address.allocation_id,
+            egress=network.config.payload_egress,
+            dualstack=network.config.payload_dualstack,
             nat_by_subnet=network.nat_by_subnet,
             auto_scaling_group=group_name,
             lifecycle_hook=LIFECYCLE_HOOK_NAME,
@@ -255,6 +300,7 @@ class HealingGroup(Construct):
             stack_name=Aws.STACK_NAME,
             group_logical_id=stack.get_logical_id(cfn_group),
             service=config.name,
+            health_check=config.health_check,
         )
         # Fetches, verifies and installs the bundle with this configuration; the role may read that one
         # object. A new bundle or configuration changes the user data, hence the launch template.
@@ -264,6 +310,20 @@ class HealingGroup(Construct):
         self.alarms = ServiceAlarms(
             self, "Alarms", service=config.name, group_name=group_name, topic=network.alerts.topic
         )
+
+
+def _health_checks(config: ServiceConfig) -> autoscaling.HealthChecks | None:
+    """EC2 status checks, with a grace period that never hides the watchdog's report.
+
+    The group's grace period starts when the instance enters service, just after the payload's claim
+    (its CONTINUE); the watchdog's own grace starts at the claim. An Unhealthy sent with
+    ShouldRespectGracePeriod inside the group's grace would be ignored, and the watchdog reports once:
+    so the group's grace ends a timer period before the watchdog's first possible report.
+    """
+    if config.health_check is None:
+        return None
+    grace = max(0, config.health_check.grace_seconds - WATCHDOG_PERIOD_SECONDS)
+    return autoscaling.HealthChecks.ec2(grace_period=Duration.seconds(grace))
 
 
 class HealingServiceStack(Stack):

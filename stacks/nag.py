@@ -94,7 +94,8 @@ def acknowledge(network: NetworkStack, services: Sequence[HealingServiceStack]) 
             "AwsSolutions::AwsSolutions-IAM5[Resource::"
             f"{_ARN_PREFIX}:autoscaling:<AWS::Region>:<AWS::AccountId>:autoScalingGroup:*:"
             f"autoScalingGroupName/{group.group_name}]",
-            "The '*' is the group's id, unknown before it exists; the ARN names this one group.",
+            "The '*' is the group's id, unknown before it exists; the ARN names this one group "
+            "(CompleteLifecycleAction, and SetInstanceHealth for the watchdog's report on its own instance).",
         )
         _ack(
             group.group,

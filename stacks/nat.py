@@ -505,8 +505,25 @@ class StableNatProvider(ec2.NatProvider):
         private_subnets: Sequence[ec2.PrivateSubnet],
         vpc: ec2.Vpc,
     ) -> None:
+        self.add_nats(vpc, vpc=vpc, nat_subnets=nat_subnets, under_subnets=True)
+        for private in private_subnets:
+            self.configure_subnet(private)
+
+    def add_nats(
+        self,
+        scope: Construct,
+        *,
+        vpc: ec2.IVpc,
+        nat_subnets: Sequence[ec2.ISubnet],
+        under_subnets: bool = False,
+    ) -> None:
+        """One NAT per subnet (one per AZ) and their security group, under `scope`; no route is added.
+
+        `under_subnets` puts each NAT under its subnet's construct instead (a VPC the app creates: the
+        logical IDs the deployed NATs have always had); a team's own subnets are references, not scopes.
+        """
         self.security_group = ec2.SecurityGroup(
-            vpc,
+            scope,
             "NatSecurityGroup",
             vpc=vpc,
             description="NAT instances: admit only the VPC own addresses",
@@ -516,10 +533,11 @@ class StableNatProvider(ec2.NatProvider):
             ec2.Peer.ipv4(self._vpc_cidr), ec2.Port.all_traffic(), "forwarded traffic from inside the VPC"
         )
         for index, subnet in enumerate(nat_subnets):
+            nat_scope, nat_id = (subnet, "Nat") if under_subnets else (scope, f"Nat{index + 1}")
             self.instances.append(
                 NatInstance(
-                    subnet,
-                    "Nat",
+                    nat_scope,  # type: ignore[arg-type]  # a PublicSubnet is a Construct
+                    nat_id,
                     vpc=vpc,
                     subnet=subnet,
                     vpc_cidr=self._vpc_cidr,
@@ -530,8 +548,6 @@ class StableNatProvider(ec2.NatProvider):
                     topic=self._topic,
                 )
             )
-        for private in private_subnets:
-            self.configure_subnet(private)
 
     def configure_subnet(self, subnet: ec2.PrivateSubnet) -> None:
         nat = self._in_az(subnet.availability_zone)

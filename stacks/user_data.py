@@ -24,6 +24,8 @@ LOG_PATH = "/var/log/eip-reclaim-user-data.log"
 UNITS_ARCDIR = "systemd-units"
 BOOT_SERVICE = "eip-reclaim.service"
 TIMER = "eip-reclaim.timer"
+# Enabled only for a service with a health_check: without one the watchdog has nothing to probe.
+WATCHDOG_TIMER = "eip-reclaim-watchdog.timer"
 # EC2 rejects user data above 16 KB (before base64); this text stays a small fraction of it.
 USER_DATA_LIMIT = 16 * 1024
 
@@ -101,8 +103,8 @@ echo "wrote $$config"
 install -d -m 0755 "$$root/etc/systemd/system"
 install -m 0644 -t "$$root/etc/systemd/system" "$$app/${units_dir}"/*
 systemctl daemon-reload
-systemctl enable ${boot_service} ${timer}
-systemctl start ${timer}
+systemctl enable ${boot_service} ${timers}
+systemctl start ${timers}
 # Not waited for: the lifecycle hook and the journal report the outcome.
 systemctl start --no-block ${boot_service}
 echo "started ${boot_service}"
@@ -110,12 +112,15 @@ echo "started ${boot_service}"
 )
 
 
-def render_user_data(*, region: str, bucket: str, key: str, sha256: str, config_json: str) -> str:
+def render_user_data(
+    *, region: str, bucket: str, key: str, sha256: str, config_json: str, watchdog: bool = False
+) -> str:
     """Shell commands for ``ec2.UserData.for_linux().add_commands(...)`` (without the ``#!`` line).
 
     ``region``, ``bucket``, ``key`` and ``config_json`` may be CDK tokens (``Aws.REGION``, the asset's
     bucket and key, ``Stack.to_json_string(config)``); resolved values are checked here. ``sha256`` is
-    the bundle's own hash (``BundleInfo.sha256``), known at synth.
+    the bundle's own hash (``BundleInfo.sha256``), known at synth. ``watchdog`` enables and starts the
+    watchdog's timer too (the configuration has a ``health_check``).
     """
     _check("region", region, _REGION)
     _check("bucket", bucket, _BUCKET)
@@ -142,7 +147,7 @@ def render_user_data(*, region: str, bucket: str, key: str, sha256: str, config_
         log_path=LOG_PATH,
         units_dir=UNITS_ARCDIR,
         boot_service=BOOT_SERVICE,
-        timer=TIMER,
+        timers=f"{TIMER} {WATCHDOG_TIMER}" if watchdog else TIMER,
     )
 
 
@@ -184,6 +189,7 @@ def payload_user_data(
             key=asset.s3_object_key,
             sha256=bundle.sha256,
             config_json=Stack.of(scope).to_json_string(dict(config)),
+            watchdog="health_check" in config,
         )
     )
     return user_data

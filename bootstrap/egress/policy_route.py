@@ -186,7 +186,7 @@ class PolicyRoute:
         return [
             f"would journal to {self.context.journal.path}, then add:",
             f"  {state.rule.describe()}",
-            f"  {state.route.describe()}",
+            f"  {state.route.describe()} table {TABLE}",
             "would change nothing in the main table (no pins: IMDS, DNS and time stay on the VPC path)",
             f"would check the API connection to {self.context.api} marked {MARK:#x} leaves via {state.nat}",
         ]

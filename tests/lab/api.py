@@ -160,21 +160,41 @@ def autoscaling_error(code: str, message: str) -> bytes:
 
 def autoscaling_handler(log: Path) -> type[_Quiet]:
     """Each instance's launch action is pending once: completing it again (a reboot, the re-check
-    timer) gets the ValidationError Auto Scaling answers when no action is pending."""
-    completed: set[str] = set()
+    timer) gets the ValidationError Auto Scaling answers when no action is pending. An instance of a
+    warm pool has a second one (into the pool, then out of it): `lifecycle-actions.json` beside the log
+    says how many actions the lab opened per instance. SetInstanceHealth is recorded in
+    `autoscaling-health.jsonl` and accepted."""
+    completed: dict[str, int] = {}
     lock = threading.Lock()
+    opened_file = log.with_name("lifecycle-actions.json")
+    health_log = log.with_name("autoscaling-health.jsonl")
+
+    def opened(instance: str) -> int:
+        raw = opened_file.read_text() if opened_file.exists() else ""
+        return int((json.loads(raw) if raw.strip() else {}).get(instance, 1))
 
     class Handler(_Quiet):
         def do_POST(self) -> None:
             form = {k: v[0] for k, v in parse_qs(self.body().decode()).items()}
             action = form.get("Action", "?")
             instance = form.get("InstanceId", "")
+            if action == "SetInstanceHealth":
+                jsonl.append(health_log, {"t": time.monotonic(), "src": self.client_address[0], **form})
+                self.reply(
+                    200,
+                    (
+                        f'<SetInstanceHealthResponse xmlns="{AUTOSCALING_NS}"><ResponseMetadata>'
+                        f"<RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata></SetInstanceHealthResponse>"
+                    ).encode(),
+                )
+                return
             if action != "CompleteLifecycleAction":
                 status, answer = 400, autoscaling_error("InvalidAction", f"{action} is not served by the lab")
             else:
                 with lock:
-                    pending = instance not in completed
-                    completed.add(instance)
+                    pending = completed.get(instance, 0) < opened(instance)
+                    if pending:
+                        completed[instance] = completed.get(instance, 0) + 1
                 if pending:
                     status, answer = (
                         200,

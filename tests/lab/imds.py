@@ -78,6 +78,9 @@ def metadata(identity: Identity, public_ipv4: str | None) -> dict[str, str]:
         "tags/instance/": "\n".join(tags),
     }
     paths.update({f"tags/instance/{k}": v for k, v in tags.items()})
+    if identity.get("target_lifecycle_state"):
+        # Where Auto Scaling takes the instance (Warmed:Pending:Wait, InService...): only once the lab set it.
+        paths["autoscaling/target-lifecycle-state"] = identity["target_lifecycle_state"]
     if public_ipv4:
         paths["public-ipv4"] = public_ipv4
         paths[net + "public-ipv4s"] = public_ipv4

@@ -451,6 +451,23 @@ class Lab:
     def lifecycle_calls(self) -> list[dict[str, Any]]:
         return jsonl.read(self.dir / "autoscaling.jsonl")
 
+    def health_calls(self) -> list[dict[str, Any]]:
+        """SetInstanceHealth calls the Auto Scaling stand-in received (InstanceId, HealthStatus, ...)."""
+        return jsonl.read(self.dir / "autoscaling-health.jsonl")
+
+    def set_target_lifecycle_state(self, instance: Instance, state: str | None) -> None:
+        """What IMDS answers at autoscaling/target-lifecycle-state for the instance (None: nothing)."""
+        self.identities[instance.private_ip]["target_lifecycle_state"] = state
+        _write_atomically(self.dir / "registry.json", json.dumps(self.identities))
+        self.event("target-lifecycle-state", instance=instance.instance_id, state=state)
+
+    def open_lifecycle_action(self, instance: Instance) -> None:
+        """Auto Scaling starts another launch action for the instance (a warm pool's: out of the pool)."""
+        path = self.dir / "lifecycle-actions.json"
+        opened = json.loads(path.read_text()) if path.exists() else {}
+        opened[instance.instance_id] = int(opened.get(instance.instance_id, 1)) + 1
+        _write_atomically(path, json.dumps(opened))
+
     def signal_calls(self) -> list[dict[str, Any]]:
         """SignalResource calls the CloudFormation stand-in received (StackName, UniqueId, Status, ...)."""
         return jsonl.read(self.dir / "cloudformation.jsonl")
@@ -640,7 +657,7 @@ class Lab:
                 netns.delete(instance.ns.name)
         ids = [i.instance_id for i in self.instances]
         self.instances.clear()
-        for name in ("api-faults.json", "router-imds-faults.json"):
+        for name in ("api-faults.json", "router-imds-faults.json", "lifecycle-actions.json"):
             (self.dir / name).unlink(missing_ok=True)
         for index in range(len(self.nats)):
             self.nats[index].ip("link", "set", "ens5", "up")

@@ -69,7 +69,7 @@ def synthesize(raw: dict[str, Any], outdir: Path) -> Synthesized:
 
 
 # A configuration that exercises what the default does not: three AZs, two services sharing the
-# network, an adopted address, an x86 instance type and a restricted ingress range.
+# network, an adopted address, an x86 instance type, a restricted ingress range, a warm pool and a watchdog.
 MULTI_RAW: dict[str, Any] = {
     "stack_prefix": "Multi",
     "network": {
@@ -79,7 +79,13 @@ MULTI_RAW: dict[str, Any] = {
         "nat_instance_type": "t3.nano",
     },
     "services": [
-        {"name": "web", "ingress_ports": [80, 443]},
+        # The warm pool and the watchdog on, so the whole-app checks (cdk-nag, cfn-lint, checkov) see them.
+        {
+            "name": "web",
+            "ingress_ports": [80, 443],
+            "warm_pool": True,
+            "health_check": {"port": 80, "path": "/"},
+        },
         {
             "name": "smtp",
             "instance_type": "t3.small",
@@ -88,6 +94,56 @@ MULTI_RAW: dict[str, Any] = {
             "allocation_id": "eipalloc-0123456789abcdef0",
         },
     ],
+}
+
+
+# The two NAT-free networks, as a team would switch to them: egress, and nothing NAT-specific.
+IPV6_RAW: dict[str, Any] = {
+    "stack_prefix": "Six",
+    "network": {"egress": "ipv6"},
+    "services": [{"name": "web"}],
+}
+ENDPOINTS_RAW: dict[str, Any] = {
+    "stack_prefix": "Private",
+    "network": {"egress": "interface-endpoints", "az_count": 3},
+    "services": [{"name": "web"}],
+}
+
+# A team's own VPC, stated in the configuration (ids from the documentation's style, not a real account).
+BYO_VPC: dict[str, Any] = {
+    "vpc_id": "vpc-0a1b2c3d4e5f60718",
+    "vpc_cidr": "172.31.0.0/16",
+    "public_subnets": [
+        {
+            "subnet_id": "subnet-0aaaaaaaaaaaaaaa1",
+            "availability_zone": "eu-west-1a",
+            "cidr": "172.31.0.0/20",
+            "route_table_id": "rtb-0ccccccccccccccc1",
+        },
+        {
+            "subnet_id": "subnet-0bbbbbbbbbbbbbbb2",
+            "availability_zone": "eu-west-1b",
+            "cidr": "172.31.16.0/20",
+            "route_table_id": "rtb-0ccccccccccccccc1",
+        },
+    ],
+}
+
+
+def byo_raw(egress: str, **network: Any) -> dict[str, Any]:
+    """The team's VPC above in one network mode; `network` adds or overrides keys."""
+    return {
+        "stack_prefix": f"Own{egress.title().replace('-', '')}",
+        "network": {**BYO_VPC, "egress": egress, **network},
+        "services": [{"name": "web"}],
+    }
+
+
+# The VPC already has the S3 gateway endpoint and the EC2 and Auto Scaling interface endpoints.
+BYO_RAWS: dict[str, dict[str, Any]] = {
+    "nat-instances": byo_raw("nat-instances"),
+    "ipv6": byo_raw("ipv6"),
+    "interface-endpoints": byo_raw("interface-endpoints", existing_endpoints=["s3", "ec2", "autoscaling"]),
 }
 
 
@@ -101,3 +157,21 @@ def default_app() -> Synthesized:
 def multi_app() -> Synthesized:
     """`MULTI_RAW`, synthesized once per test session."""
     return synthesize(MULTI_RAW, Path(tempfile.mkdtemp(prefix="eipr-cdk-multi-")))
+
+
+@functools.cache
+def ipv6_app() -> Synthesized:
+    """`IPV6_RAW`, synthesized once per test session."""
+    return synthesize(IPV6_RAW, Path(tempfile.mkdtemp(prefix="eipr-cdk-ipv6-")))
+
+
+@functools.cache
+def endpoints_app() -> Synthesized:
+    """`ENDPOINTS_RAW`, synthesized once per test session."""
+    return synthesize(ENDPOINTS_RAW, Path(tempfile.mkdtemp(prefix="eipr-cdk-endpoints-")))
+
+
+@functools.cache
+def byo_app(egress: str) -> Synthesized:
+    """`BYO_RAWS[egress]`, synthesized once per test session."""
+    return synthesize(BYO_RAWS[egress], Path(tempfile.mkdtemp(prefix=f"eipr-cdk-byo-{egress}-")))

@@ -191,6 +191,7 @@ class FakeImds:
     creds: Credentials | None = field(
         default_factory=lambda: Credentials("ASIAFAKE", "fake-secret-never-logged", "fake-token-never-logged")
     )
+    target_state: str | None = "InService"
     fail_identity: Exception | None = None
     fail_guard: Exception | None = None
     fail_credentials: Exception | None = None
@@ -208,6 +209,9 @@ class FakeImds:
         if self.later_instance_ids:
             return self.later_instance_ids.pop(0)
         return self.identity_value.instance_id
+
+    def target_lifecycle_state(self) -> str | None:
+        return self.target_state
 
     def credentials(self) -> Credentials | None:
         if self.fail_credentials:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from stacks.config import ConfigError, NetworkConfig, ServiceConfig, from_context, is_graviton, parse
-from tests.unit.cdk_app import DEFAULT_RAW, MULTI_RAW, REPO
+from tests.unit.cdk_app import BYO_RAWS, BYO_VPC, DEFAULT_RAW, MULTI_RAW, REPO
 
 
 def with_change(path: str, value: object) -> dict[str, Any]:
@@ -84,6 +84,60 @@ def test_the_payload_is_bundled_for_amazon_linux_2023s_python_unless_told_otherw
         assert f"bundle_sha256='{'0' * 64}'" in json.dumps(
             stack.resolve(stack.healing_group.user_data.render())
         )
+
+
+def test_the_default_network_is_nat_instances_with_policy_routing() -> None:
+    # Today's network stays the default; the payload is told its strategy explicitly.
+    network = parse(DEFAULT_RAW).network
+    assert (network.egress, network.nat_egress, network.vpc_id) == ("nat-instances", "policy-route", None)
+    assert (network.payload_egress, network.payload_dualstack) == ("policy-route", False)
+    assert parse(with_change("network.nat_egress", "main-table")).network.payload_egress == "main-table"
+
+
+@pytest.mark.parametrize(
+    ("egress", "payload", "dualstack", "endpoints"),
+    [
+        ("ipv6", "direct", True, ()),
+        ("interface-endpoints", "direct", False, ("ec2", "autoscaling", "cloudformation", "monitoring")),
+    ],
+)
+def test_the_nat_free_networks_tell_the_payload_to_go_direct(
+    egress: str, payload: str, dualstack: bool, endpoints: tuple[str, ...]
+) -> None:
+    # What each network mode means for the payload's file and for the endpoints the app adds.
+    network = parse({"network": {"egress": egress}}).network
+    assert (network.payload_egress, network.payload_dualstack) == (payload, dualstack)
+    assert network.endpoints_to_add == endpoints
+    assert not network.uses_nat_instances
+
+
+def test_a_teams_own_vpc_is_stated_not_looked_up() -> None:
+    # Ids, CIDRs, AZs and route tables from the configuration; the AZ count is the subnets'.
+    network = parse(BYO_RAWS["interface-endpoints"]).network
+    assert network.vpc_id == BYO_VPC["vpc_id"] and network.cidr == "172.31.0.0/16"
+    assert network.az_count == 2 and network.is_existing_vpc
+    assert [s.subnet_id for s in network.public_subnets] == [
+        s["subnet_id"] for s in BYO_VPC["public_subnets"]
+    ]
+    assert network.existing_endpoints == {"s3", "ec2", "autoscaling"}
+    assert network.endpoints_to_add == ("cloudformation", "monitoring")
+
+
+def byo_with(**changes: object) -> dict[str, Any]:
+    """The own-VPC configuration (nat-instances) with network keys replaced; None removes a key."""
+    raw = copy.deepcopy(BYO_RAWS["nat-instances"])
+    for key, value in changes.items():
+        if value is None:
+            raw["network"].pop(key, None)
+        else:
+            raw["network"][key] = value
+    return raw
+
+
+def byo_subnet(index: int, **changes: object) -> list[dict[str, Any]]:
+    subnets = copy.deepcopy(BYO_VPC["public_subnets"])
+    subnets[index].update(changes)
+    return subnets
 
 
 def test_the_config_is_frozen() -> None:
@@ -180,6 +234,64 @@ BAD_CONFIGS = {
         with_change("alarm_topic_arn", "arn:aws:sqs:us-east-1:123456789012:queue"),
         "alarm_topic_arn: 'arn:aws:sqs:us-east-1:123456789012:queue' is not an SNS topic ARN",
     ),
+    "unknown network egress": (
+        with_change("network.egress", "nat-gateway"),
+        "network.egress: 'nat-gateway' is not one of 'nat-instances', 'ipv6', 'interface-endpoints'",
+    ),
+    "unknown NAT strategy": (
+        with_change("network.nat_egress", "detour"),
+        "network.nat_egress: 'detour' is not one of 'policy-route', 'main-table'",
+    ),
+    "NAT strategy without NATs": (
+        {"network": {"egress": "ipv6", "nat_egress": "main-table"}},
+        "network.nat_egress: applies only to network.egress 'nat-instances', not 'ipv6'",
+    ),
+    "NAT instance type without NATs": (
+        {"network": {"egress": "interface-endpoints", "nat_instance_type": "t4g.nano"}},
+        "network.nat_instance_type: applies only to network.egress 'nat-instances'",
+    ),
+    "malformed VPC id": (byo_with(vpc_id="vpc-123"), "network.vpc_id: 'vpc-123' is not a VPC id"),
+    "own VPC without its CIDR": (byo_with(vpc_cidr=None), "network.vpc_cidr: required with network.vpc_id"),
+    "own VPC without subnets": (
+        byo_with(public_subnets=None),
+        "network.public_subnets: required with network.vpc_id",
+    ),
+    "own VPC with one subnet": (
+        byo_with(public_subnets=BYO_VPC["public_subnets"][:1]),
+        "network.public_subnets: 1 subnets: needs 2 to 6, one per availability zone",
+    ),
+    "own VPC with a new VPC's key": (
+        byo_with(cidr="10.0.0.0/16"),
+        "network.cidr: describes a VPC the app creates: with network.vpc_id give network.vpc_cidr",
+    ),
+    "subnet outside the VPC": (
+        byo_with(public_subnets=byo_subnet(1, cidr="10.9.0.0/24")),
+        "network.public_subnets[1].cidr: 10.9.0.0/24 does not lie in network.vpc_cidr 172.31.0.0/16",
+    ),
+    "two subnets in one AZ": (
+        byo_with(public_subnets=byo_subnet(1, availability_zone="eu-west-1a")),
+        "network.public_subnets[1].availability_zone: 'eu-west-1a' appears more than once",
+    ),
+    "subnet without its route table": (
+        byo_with(
+            public_subnets=[
+                {k: v for k, v in s.items() if k != "route_table_id"} for s in BYO_VPC["public_subnets"]
+            ]
+        ),
+        "network.public_subnets[0].route_table_id: required key is missing",
+    ),
+    "malformed subnet id": (
+        byo_with(public_subnets=byo_subnet(0, subnet_id="subnet-xyz")),
+        "network.public_subnets[0].subnet_id: 'subnet-xyz' is not a subnet id",
+    ),
+    "unknown existing endpoint": (
+        byo_with(existing_endpoints=["ec2", "sts"]),
+        "network.existing_endpoints[1]: 'sts' is not one of 's3', 'ec2'",
+    ),
+    "existing endpoints of a new VPC": (
+        with_change("network.existing_endpoints", ["ec2"]),
+        "network.existing_endpoints: describes a team's own VPC: it applies only with network.vpc_id",
+    ),
     "alarm topic as a list": (
         with_change("alarm_topic_arn", ["arn:aws:sns:us-east-1:123456789012:t"]),
         "alarm_topic_arn: expected a string, got a list",
@@ -231,7 +343,15 @@ def _run_app(raw: object) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "case",
-    ["malformed CIDR", "one AZ", "duplicate service names", "bad allocation id", "unknown service key"],
+    [
+        "malformed CIDR",
+        "one AZ",
+        "duplicate service names",
+        "bad allocation id",
+        "unknown service key",
+        "NAT strategy without NATs",
+        "own VPC without subnets",
+    ],
 )
 def test_the_app_fails_synth_with_that_line_and_no_stack_trace(case: str) -> None:
     # What a user of `cdk synth` sees: exit non-zero, our one line on stderr, no Python or JavaScript trace.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk.assertions import Match, Template
 
+from bootstrap.config import parse_config
 from stacks.assembly import build
 from stacks.bundle import BundleInfo
 from stacks.config import parse
@@ -370,6 +372,17 @@ def payload_config_of(template: Template, network: dict[str, Any]) -> dict[str, 
     return json.loads(lines[start + 1])  # type: ignore[no-any-return]
 
 
+def as_deployed(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration with hex subnet ids where `render` left stand-ins (a deploy fills in real ones)."""
+    if "nat_by_subnet" not in config:
+        return config
+    hexed = {
+        key: key if re.fullmatch(r"subnet-[0-9a-f]{8,17}", key) else f"subnet-{index:017x}"
+        for index, key in enumerate(config["nat_by_subnet"])
+    }
+    return dict(config, nat_by_subnet={hexed[k]: v for k, v in config["nat_by_subnet"].items()})
+
+
 def nat_ip_by_subnet(network: dict[str, Any]) -> dict[str, str]:
     """From the network template itself: public subnet logical id -> its NAT interface's private IPv4."""
     found = {}
@@ -384,12 +397,14 @@ def test_user_data_carries_the_payload_config_with_the_generated_subnet_nat_map(
     app: Synthesized, template: Template
 ) -> None:
     # The contract in DESIGN.md; the map comes from the network's own NAT instances, never typed by hand.
+    # The strategy is written even though it is the payload's default: the file says how it gets out.
     network = app.template_json(app.network)
     config = payload_config_of(template, network)
     assert config == {
         "version": 1,
         "region": REGION,
         "allocation_id": ALLOCATION,
+        "egress": "policy-route",
         "nat_by_subnet": nat_ip_by_subnet(network),
         "lifecycle_hook": {
             "auto_scaling_group": "EipReclaim-web",
@@ -404,6 +419,9 @@ def test_user_data_carries_the_payload_config_with_the_generated_subnet_nat_map(
         "deadline_seconds": DEADLINE_SECONDS,
     }
     assert sorted(config["nat_by_subnet"].values()) == ["10.0.0.4", "10.0.1.4"]
+    # ... and the payload's own validator accepts it, once the subnet ids are real ones.
+    parsed = parse_config(as_deployed(config))
+    assert (parsed.egress, parsed.dualstack, len(parsed.nat_by_subnet)) == ("policy-route", False, 2)
 
 
 def payload_asset(app: Synthesized, stack: cdk.Stack) -> s3_assets.Asset:

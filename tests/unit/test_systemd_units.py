@@ -16,6 +16,8 @@ UNITS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 BOOT = "eip-reclaim.service"
 RECHECK = "eip-reclaim-recheck.service"
 TIMER = "eip-reclaim.timer"
+WATCHDOG = "eip-reclaim-watchdog.service"
+WATCHDOG_TIMER = "eip-reclaim-watchdog.timer"
 # Directives that differ on purpose between the boot run and the timer's re-check.
 RESTART_KEYS = {"Restart", "RestartSec", "RestartPreventExitStatus"}
 # issue 11: every unit of the bundle below 2.0 (network access and CAP_NET_ADMIN keep it above 1.0).
@@ -111,13 +113,15 @@ def test_verify_catches_what_its_exit_code_alone_misses(tmp_path: Path) -> None:
     # Guards the harness: a misspelt directive must fail the check above, not pass it silently.
     broken = tmp_path / BOOT
     broken.write_text((UNITS_DIR / BOOT).read_text().replace("NoNewPrivileges=yes", "NoNewPrivilege=yes"))
-    problems = verify([broken, UNITS_DIR / RECHECK, UNITS_DIR / TIMER], tmp_path)
+    problems = verify(
+        [broken, *(UNITS_DIR / name for name in (RECHECK, TIMER, WATCHDOG, WATCHDOG_TIMER))], tmp_path
+    )
     assert "NoNewPrivilege" in problems
 
 
 def test_the_shipped_files_are_the_ones_user_data_enables(units: dict) -> None:
     # User data enables these names; a rename here would leave the instance without its boot run.
-    assert set(units) == {BOOT, RECHECK, TIMER}
+    assert set(units) == {BOOT, RECHECK, TIMER, WATCHDOG, WATCHDOG_TIMER}
     assert user_data.BOOT_SERVICE == BOOT
     assert user_data.TIMER == TIMER
 
@@ -261,3 +265,17 @@ def test_timer_rechecks_periodically(units: dict) -> None:
     assert 60 <= seconds(one(timer, "Timer", "OnUnitActiveSec")) <= 3600
     assert seconds(one(timer, "Timer", "RandomizedDelaySec")) > 0
     assert one(timer, "Install", "WantedBy") == "timers.target"
+
+
+def test_the_watchdog_probes_every_ten_seconds_with_no_capability(units: dict) -> None:
+    # Three failures in a row must be noticed in about half a minute, and the probe needs no privilege.
+    timer, service = units[WATCHDOG_TIMER], units[WATCHDOG]
+    assert values(timer, "Timer", "OnUnitActiveSec") == ["10s"]
+    assert values(timer, "Timer", "AccuracySec") == ["1s"]
+    assert values(service, "Service", "ExecStart") == [
+        "/usr/bin/python3 -S -m bootstrap.watchdog --config %d/config.json"
+    ]
+    assert values(service, "Service", "CapabilityBoundingSet") == [""]
+    assert not values(service, "Service", "AmbientCapabilities")
+    # The payload's dynamic user and runtime directory, where the claimed mark is.
+    assert values(service, "Service", "User") == [SERVICE_USER]

@@ -1,0 +1,151 @@
+"""The watchdog: probes only after the payload holds the address and a grace period, counts failures in
+a row, reports the instance unhealthy once, and probes a real local service over TCP and HTTP.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootstrap import watchdog
+from bootstrap.config import HealthCheck, parse_config
+from bootstrap.state import Marks
+from tests.unit.test_bootstrap_fakes import SELF, Rig
+
+BASE: dict[str, Any] = {
+    "version": 1,
+    "region": "us-east-1",
+    "allocation_id": "eipalloc-0123",
+    "nat_by_subnet": {"subnet-0aaa": "10.0.0.4"},
+}
+
+
+class World:
+    def __init__(self, tmp: Path, health_check: dict[str, Any] | None = None) -> None:
+        self.directory = str(tmp)
+        self.answers: list[str | None] = []
+        self.reported: list[str] = []
+        self.clock = 10_000.0
+        config = parse_config({**BASE, "health_check": health_check or {"port": 8080, "failures": 3}})
+        self.watch = watchdog.Watch(
+            config,
+            self.directory,
+            instance_id=lambda: SELF,
+            set_unhealthy=self.reported.append,
+            probe=lambda check: self.answers.pop(0),
+            now=lambda: self.clock,
+        )
+
+    def claimed(self, ago: float = 600) -> None:
+        Marks(self.directory).mark("claimed", SELF)
+        path = os.path.join(self.directory, "claimed.done")
+        os.utime(path, (self.clock - ago, self.clock - ago))
+
+
+def test_no_probe_before_the_payload_holds_the_address(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    w.answers = ["refused"] * 5
+    for _ in range(5):
+        assert w.watch.run() == 0
+    assert w.reported == [] and len(w.answers) == 5  # never probed
+
+
+def test_no_probe_in_the_grace_period(tmp_path: Path) -> None:
+    w = World(tmp_path, {"port": 8080, "grace_seconds": 120})
+    w.claimed(ago=30)
+    w.answers = ["refused"] * 5
+    assert w.watch.run() == 0
+    assert len(w.answers) == 5
+
+
+def test_three_failures_in_a_row_report_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    w = World(tmp_path)
+    w.claimed()
+    w.answers = ["refused", None, "refused", "refused", "refused", "refused"]
+    for _ in range(6):
+        assert w.watch.run() == 0
+    assert w.reported == [SELF]  # after the 3rd failure in a row; the success reset the count
+    err = caplog.text
+    assert err.count("probe of 127.0.0.1:8080 failed") == 4
+    assert "(3 of 3 in a row)" in err
+    assert w.answers == ["refused"]  # the last run probed nothing: already reported
+
+
+def test_the_payload_writes_the_claimed_mark(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    assert rig.main() == 0
+    assert Marks(rig.journal.directory).done("claimed", SELF)
+
+
+def test_a_yielding_instance_is_not_marked(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    tags = [{"Key": "aws:autoscaling:groupName", "Value": "svc-asg"}]
+    rig.ec2.instances = {
+        SELF: {"InstanceId": SELF, "LaunchTime": "2026-01-01", "State": {"Name": "running"}, "Tags": tags},
+        "i-0fedcba9876543210": {
+            "InstanceId": "i-0fedcba9876543210",
+            "LaunchTime": "2026-02-01",
+            "State": {"Name": "running"},
+            "Tags": tags,
+        },
+    }
+    assert rig.main() == 0
+    assert not Marks(rig.journal.directory).done("claimed", SELF)
+
+
+@pytest.fixture
+def http_service() -> Iterator[tuple[int, list[int]]]:
+    statuses = [200]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(statuses[0])
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], statuses
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_probes_against_a_real_local_service(http_service: tuple[int, list[int]]) -> None:
+    port, statuses = http_service
+    assert watchdog.probe(HealthCheck(port=port)) is None
+    assert watchdog.probe(HealthCheck(port=port, path="/health")) is None
+    statuses[0] = 503
+    assert watchdog.probe(HealthCheck(port=port, path="/health")) == "HTTP 503"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        closed = free.getsockname()[1]
+    assert "ConnectionRefusedError" in (watchdog.probe(HealthCheck(port=closed)) or "")
+
+
+def test_the_command_line_without_a_health_check_does_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    import json
+
+    config.write_text(json.dumps(BASE))
+    assert watchdog.main(["--config", str(config)]) == 0
+
+
+def test_health_check_configuration_errors_name_the_key() -> None:
+    from bootstrap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^config: health_check.port: 70000 is not a whole number"):
+        parse_config({**BASE, "health_check": {"port": 70000}})
+    with pytest.raises(ConfigError, match=r"^config: health_check.path: 'health'"):
+        parse_config({**BASE, "health_check": {"port": 80, "path": "health"}})
