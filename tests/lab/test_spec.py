@@ -154,3 +154,23 @@ def test_configs_for_the_direct_networks_replace_only_the_egress_keys(
 def test_only_the_direct_networks_are_derived() -> None:
     with pytest.raises(ValueError, match="nat-instances"):
         spec.network_config({}, "nat-instances")
+
+
+@pytest.mark.parametrize("network", ["ipv6", "interface-endpoints"])
+def test_derived_configs_match_what_the_stacks_write_for_that_network(network: str) -> None:
+    """network_config of the stacks' nat-instances config is the stacks' own config for `network`."""
+    from stacks.payload_config import payload_config
+
+    common: dict[str, Any] = {
+        "allocation_id": "eipalloc-1",
+        "nat_by_subnet": [],
+        "auto_scaling_group": "asg",
+        "lifecycle_hook": "launch",
+        "hook_timeout_seconds": 660,
+        "stack_name": "stack",
+        "group_logical_id": "Group",
+        "service": "web",
+    }
+    nat_instances = payload_config(egress="policy-route", dualstack=False, **common)
+    written = payload_config(egress="direct", dualstack=network == "ipv6", **common)
+    assert spec.network_config(nat_instances, network) == written
