@@ -174,6 +174,14 @@ class _Run:
             return
         if not self.reporter.lifecycle_pending() and self.config.signal is None:
             return
+        if self.config.dualstack and not self.identity.public_ipv4:
+            # IPv6 is the only way out until the address is held, and Auto Scaling and CloudFormation
+            # have no dual-stack endpoint: the hook's and the creation policy's timeouts decide.
+            LOG.warning(
+                "lifecycle: no ABANDON or FAILURE signal: over IPv6 alone Auto Scaling and CloudFormation "
+                "cannot be reached (no dual-stack endpoint); their timeouts decide"
+            )
+            return
         if err.exit_code == EXIT_TEMPFAIL:
             uptime = self.deps.clock.uptime()
             if another_attempt_fits(self.config, uptime):

@@ -174,3 +174,24 @@ def test_a_botocore_without_the_hook_stops_the_run_in_one_line() -> None:
 
     with pytest.raises(TransientError, match="use egress main-table"):
         policy_route.mark_connections(object(), MARK)
+
+
+def test_dualstack_without_ipv6_for_the_endpoint_exits_75_at_once_sending_nothing(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    def no_ipv6(*args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_NODATA, "No address associated with hostname")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_ipv6)
+    rig.ec2.meta = SimpleNamespace(  # type: ignore[attr-defined]
+        endpoint_url="https://ec2.ap-southeast-2.api.aws", config=SimpleNamespace(use_dualstack_endpoint=True)
+    )
+    hook = {"auto_scaling_group": "svc-asg", "hook": "svc-launch", "timeout_seconds": 30}
+    config = rig.config(egress="direct", dualstack=True, nat_by_subnet=None, lifecycle_hook=hook)
+    assert rig.main(config=config) == 75
+    err = capsys.readouterr().err
+    assert "the dual-stack EC2 endpoint ec2.ap-southeast-2.api.aws has no IPv6 address" in err
+    assert rig.ec2.calls == [] and rig.autoscaling.completed == [] and rig.clock.slept == []
+    assert "their timeouts decide" in err
