@@ -423,7 +423,7 @@ def dry_run(config: Config, deps: Deps, out: TextIO) -> int:
 @contextmanager
 def pyroute2_netlink() -> Iterator[Netlink]:
     """pyroute2's IPRoute in the current network namespace (narrow import: the package is large)."""
-    from pyroute2.iproute.linux import IPRoute  # noqa: PLC0415
+    from bootstrap.iproute import iproute_class  # noqa: PLC0415
 
-    with IPRoute() as ipr:
+    with iproute_class()() as ipr:
         yield routes.PyRoute2Netlink(ipr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -12,11 +13,11 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PAYLOAD_DIR = REPO_ROOT / "bootstrap"
@@ -26,9 +27,22 @@ DEFAULT_OUT_DIR = REPO_ROOT / "build"
 
 # Amazon Linux 2023's system python3.
 DEFAULT_PYTHON_VERSION = "3.9"
-# The only AWS APIs the payload calls (CloudWatch's endpoint prefix is "monitoring", its model directory
-# "cloudwatch"); every other botocore model is dead weight (about 20 MB zipped).
-KEPT_SERVICES: tuple[str, ...] = ("ec2", "autoscaling", "cloudformation", "cloudwatch")
+# The only AWS operations the payload calls, by botocore's model directory (CloudWatch's endpoint prefix is
+# "monitoring"); every other botocore model is dead weight (about 20 MB zipped). Each kept model is cut
+# down to these operations and the shapes they reach: the whole EC2 model is 0.5 MB zipped and its
+# parse took a tenth of a second of every start. SetInstanceHealth is the watchdog's (bootstrap/watchdog.py).
+# tests/unit/test_bundle.py finds every API call in bootstrap/ and fails if one is missing here.
+KEPT_OPERATIONS: Mapping[str, tuple[str, ...]] = {
+    "ec2": ("AssociateAddress", "DescribeAddresses", "DescribeInstances"),
+    "autoscaling": ("CompleteLifecycleAction", "SetInstanceHealth"),
+    "cloudformation": ("SignalResource",),
+    "cloudwatch": ("PutMetricData",),
+}
+KEPT_SERVICES: tuple[str, ...] = tuple(KEPT_OPERATIONS)
+# What a client needs of a service's API version: its model and its endpoint rules. Paginators and
+# waiters are read only by get_paginator()/get_waiter()/can_paginate() (botocore takes a missing file
+# as "none"), examples only by documentation tools.
+KEPT_MODEL_FILES = ("service-2", "endpoint-rule-set-1")
 # Where the units sit inside the bundle: a name that is not a Python identifier, so the directory can
 # never shadow an importable package on PYTHONPATH.
 UNITS_ARCDIR = "systemd-units"
@@ -40,6 +54,55 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 CACHE_KEEP = 4
 # Bumped when this module changes what it writes; the module's own source is hashed into the cache key too.
 BUILD_FORMAT = 1
+# Parts of the pinned packages that nothing on the payload's path imports or reads (0.3 MB zipped); each
+# must exist, so a new pin that moves one fails the build instead of shipping it.
+PRUNED_PATHS = (
+    # dateutil's copy of the tz database: only tz.gettz() on a host without /usr/share/zoneinfo reads it;
+    # botocore uses tzutc() and tzlocal().
+    "dateutil/zoneinfo/dateutil-zoneinfo.tar.gz",
+    # urllib3's alternatives to the ssl module and its proxies: botocore uses the ssl module (it tries
+    # pyopenssl first and falls back on the ImportError).
+    "urllib3/contrib/_securetransport",
+    "urllib3/contrib/appengine.py",
+    "urllib3/contrib/ntlmpool.py",
+    "urllib3/contrib/pyopenssl.py",
+    "urllib3/contrib/securetransport.py",
+    "urllib3/contrib/socks.py",
+    # pyroute2 beyond IPRoute and rtnetlink: bootstrap/iproute.py imports IPRoute past the package's
+    # __init__ (which imports all of these), so `import pyroute2` itself fails in the bundle.
+    *(
+        f"pyroute2/{name}"
+        for name in (
+            "bsd",
+            "conntrack.py",
+            "decoder",
+            "devlink.py",
+            "dhcp",
+            "ethtool",
+            "ext",
+            "fixtures",
+            "ipdb",
+            "iproute/bsd.py",
+            "ipset.py",
+            "ipvs.py",
+            "iwutil.py",
+            "minimal.py",
+            "ndb",
+            "nftables",
+            "nslink",
+            "plan9",
+            "wirouting",
+            "wiset.py",
+            "netlink/devlink",
+            "netlink/diag",
+            "netlink/event",
+            "netlink/generic",
+            "netlink/nfnetlink",
+            "netlink/nl80211",
+            "netlink/taskstats",
+        )
+    ),
+)
 # Directory names that only hold a package's own test suite.
 TEST_DIRS = frozenset({"tests", "test", "testing"})
 BINARY_SUFFIXES = (".so", ".pyd", ".dylib", ".dll")
@@ -70,7 +133,7 @@ def build_bundle(
     payload_dir: Path = DEFAULT_PAYLOAD_DIR,
     requirements: Path | None = None,
     units_dir: Path = DEFAULT_UNITS_DIR,
-    services: Sequence[str] = KEPT_SERVICES,
+    operations: Mapping[str, Sequence[str]] = KEPT_OPERATIONS,
     log: TextIO | None = None,
 ) -> BundleInfo:
     """Return the bundle for these inputs, building it only when no bundle of the same inputs is cached.
@@ -85,7 +148,7 @@ def build_bundle(
         raise BundleError(f"payload requirements not found: {requirements}")
     input_hash = _input_hash(
         python_version=python_version,
-        services=services,
+        operations=operations,
         requirements=requirements,
         payload_dir=payload_dir,
         payload_files=payload_files,
@@ -103,7 +166,7 @@ def build_bundle(
         stage = Path(tmp) / "stage"
         _pip_install(requirements, stage, python_version)
         log.write(f"bundle: installed pinned dependencies in {time.monotonic() - started:.1f} s\n")
-        _trim(stage, services)
+        _trim(stage, operations)
         package = stage / payload_dir.name
         for src in payload_files:
             dest = package / src.relative_to(payload_dir)
@@ -112,7 +175,7 @@ def build_bundle(
         (stage / UNITS_ARCDIR).mkdir()
         for unit in unit_files:
             shutil.copyfile(unit, stage / UNITS_ARCDIR / unit.name)
-        _write_manifest(stage, python_version, services, input_hash)
+        _write_manifest(stage, python_version, operations, input_hash)
         # Written beside the target and renamed: a concurrent build of the same inputs writes the same
         # bytes, and a reader never sees a half-written zip.
         partial = Path(tmp) / target.name
@@ -158,7 +221,7 @@ def _unit_files(units_dir: Path) -> list[Path]:
 def _input_hash(
     *,
     python_version: str,
-    services: Sequence[str],
+    operations: Mapping[str, Sequence[str]],
     requirements: Path,
     payload_dir: Path,
     payload_files: Iterable[Path],
@@ -176,7 +239,7 @@ def _input_hash(
     add("format", str(BUILD_FORMAT).encode())
     add("builder", Path(__file__).read_bytes())
     add("python", python_version.encode())
-    add("services", ",".join(services).encode())
+    add("operations", json.dumps({k: list(v) for k, v in operations.items()}, sort_keys=True).encode())
     add("requirements", requirements.read_bytes())
     for path in payload_files:
         add("payload:" + path.relative_to(payload_dir).as_posix(), path.read_bytes())
@@ -222,7 +285,7 @@ def _pip_install(requirements: Path, stage: Path, python_version: str) -> None:
         raise BundleError(f"pip could not install {requirements} for Python {python_version}:\n{reason}")
 
 
-def _trim(stage: Path, services: Sequence[str]) -> None:
+def _trim(stage: Path, operations: Mapping[str, Sequence[str]]) -> None:
     """Remove what the instance never loads, and refuse anything compiled."""
     shutil.rmtree(stage / "bin", ignore_errors=True)
     for path in sorted(stage.rglob("*"), reverse=True):
@@ -238,10 +301,15 @@ def _trim(stage: Path, services: Sequence[str]) -> None:
             raise BundleError(f"binary extension in the bundle: {path.relative_to(stage)}")
         elif path.parent.name.endswith(".dist-info") and path.name in DIST_INFO_NOISE:
             path.unlink()
-    # botocore loads a service's newest API version unless told otherwise; examples-1.json is for docs.
-    _keep_services(stage / "botocore" / "data", services)
-    # boto3's resource models: only boto3.resource() reads them.
-    _keep_services(stage / "boto3" / "data", services)
+    _keep_operations(stage / "botocore" / "data", operations)
+    for name in PRUNED_PATHS:
+        path = stage / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+        else:
+            raise BundleError(f"expected {name} in the installed packages (did a new pin move it?)")
 
 
 def _in_package(path: Path) -> bool:
@@ -249,23 +317,120 @@ def _in_package(path: Path) -> bool:
     return (path.parent / "__init__.py").is_file()
 
 
-def _keep_services(data_dir: Path, services: Sequence[str]) -> None:
+def _keep_operations(data_dir: Path, operations: Mapping[str, Sequence[str]]) -> None:
+    """botocore's data cut down to the kept operations: their models, endpoint rules and endpoints."""
     if not data_dir.is_dir():
         raise BundleError(f"expected a model directory at {data_dir}")
+    prefixes = set()
     for entry in sorted(data_dir.iterdir()):
         if not entry.is_dir():
             continue  # shared files: endpoints, partitions, retry and SDK defaults
-        if entry.name not in services:
+        if entry.name not in operations:
             shutil.rmtree(entry)
             continue
+        # botocore loads a service's newest API version unless told otherwise.
         versions = sorted(v for v in entry.iterdir() if v.is_dir())
         for old in versions[:-1]:
             shutil.rmtree(old)
-        for example in entry.glob("*/examples-1.json"):
-            example.unlink()
+        newest = versions[-1]
+        model = _read_json(newest / "service-2")
+        prefixes.add(model["metadata"]["endpointPrefix"])
+        trimmed = trim_model(model, operations[entry.name], where=f"{entry.name}/{newest.name}")
+        for path in sorted(newest.iterdir()):
+            if not path.name.startswith(tuple(f"{name}.json" for name in KEPT_MODEL_FILES)):
+                path.unlink()
+        for old in newest.glob("service-2.json*"):
+            old.unlink()
+        # Plain JSON: the zip compresses it anyway, and the instance then has no gzip stream to inflate.
+        (newest / "service-2.json").write_text(json.dumps(trimmed, separators=(",", ":")) + "\n")
+    missing = sorted(set(operations) - {e.name for e in data_dir.iterdir() if e.is_dir()})
+    if missing:
+        raise BundleError(f"no botocore model for {', '.join(missing)}")
+    _keep_endpoints(data_dir / "endpoints.json", prefixes)
 
 
-def _write_manifest(stage: Path, python_version: str, services: Sequence[str], input_hash: str) -> None:
+def _read_json(stem: Path) -> Any:
+    """A botocore data file, plain or gzipped as botocore ships the larger ones."""
+    if stem.with_name(stem.name + ".json").is_file():
+        return json.loads(stem.with_name(stem.name + ".json").read_text())
+    with gzip.open(stem.with_name(stem.name + ".json.gz"), "rt", encoding="utf-8") as data:
+        return json.load(data)
+
+
+def trim_model(model: dict[str, Any], operations: Sequence[str], *, where: str = "model") -> dict[str, Any]:
+    """A service model with only ``operations`` and the shapes they reach, without documentation.
+
+    Order is kept (a query-protocol request serializes members in model order); documentation is read
+    only for docstrings, which the payload never builds.
+    """
+    unknown = sorted(set(operations) - set(model["operations"]))
+    if unknown:
+        raise BundleError(f"{where}: no operation {', '.join(unknown)}")
+    shapes = model["shapes"]
+    kept_ops = {}
+    todo: list[str] = []
+    for name, operation in model["operations"].items():
+        if name not in operations:
+            continue
+        kept_ops[name] = _undocumented(operation)
+        todo += [operation[key]["shape"] for key in ("input", "output") if key in operation]
+        todo += [error["shape"] for error in operation.get("errors", ())]
+    reached: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        todo += _shape_refs(shapes[name])
+    trimmed = {
+        key: value for key, value in model.items() if key not in ("operations", "shapes", "documentation")
+    }
+    trimmed["operations"] = kept_ops
+    trimmed["shapes"] = {name: _undocumented(shape) for name, shape in shapes.items() if name in reached}
+    return trimmed
+
+
+def _shape_refs(shape: dict[str, Any]) -> list[str]:
+    """The shapes a shape names: a structure's members, a list's member, a map's key and value."""
+    refs = [member["shape"] for member in shape.get("members", {}).values()]
+    refs += [shape[key]["shape"] for key in ("member", "key", "value") if key in shape]
+    return refs
+
+
+def _undocumented(node: dict[str, Any]) -> dict[str, Any]:
+    """An operation or shape without its documentation, nor its members' (member names are data, kept)."""
+    copy = {key: value for key, value in node.items() if key != "documentation"}
+    if "members" in copy:
+        copy["members"] = {
+            name: {key: value for key, value in ref.items() if key != "documentation"}
+            for name, ref in copy["members"].items()
+        }
+    for key in ("input", "output", "member", "key", "value"):
+        if key in copy:
+            copy[key] = {k: v for k, v in copy[key].items() if k != "documentation"}
+    if "errors" in copy:
+        copy["errors"] = [
+            {k: v for k, v in error.items() if k != "documentation"} for error in copy["errors"]
+        ]
+    return copy
+
+
+def _keep_endpoints(path: Path, prefixes: set[str]) -> None:
+    """endpoints.json with only the kept services' entries (1.3 MB of JSON parsed at every client's start).
+
+    Every partition and region stays: they say which partition and DNS suffix a region belongs to.
+    """
+    endpoints = json.loads(path.read_text())
+    for partition in endpoints["partitions"]:
+        partition["services"] = {
+            name: value for name, value in partition["services"].items() if name in prefixes
+        }
+    path.write_text(json.dumps(endpoints, separators=(",", ":")) + "\n")
+
+
+def _write_manifest(
+    stage: Path, python_version: str, operations: Mapping[str, Sequence[str]], input_hash: str
+) -> None:
     """What was bundled, readable on the instance without Python: pins, target Python, kept models."""
     packages: dict[str, str] = {}
     for meta in sorted(stage.glob("*.dist-info/METADATA")):
@@ -274,7 +439,8 @@ def _write_manifest(stage: Path, python_version: str, services: Sequence[str], i
     manifest = {
         "input_hash": input_hash,
         "python_version": python_version,
-        "services": list(services),
+        "services": list(operations),
+        "operations": {service: list(names) for service, names in operations.items()},
         "packages": packages,
     }
     (stage / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -26,7 +26,10 @@ INSTALL_HINT = (
 # What the payload's process sees of itself, printed as JSON by the interpreter and flags that start it.
 PROBE = """
 import json, sys
-import boto3, botocore, bootstrap, pyroute2, urllib3
+import botocore, bootstrap, urllib3
+from bootstrap.iproute import iproute_class
+iproute_class()  # as the payload loads pyroute2: past its __init__ (the bundle prunes what that imports)
+import pyroute2
 print(json.dumps({
     "implementation": sys.implementation.name,
     "version": list(sys.version_info[:3]),
@@ -34,7 +37,7 @@ print(json.dumps({
     "site_imported": "site" in sys.modules,
     "path": sys.path,
     "modules": {m.__name__: [m.__file__, getattr(m, "__version__", None)]
-                for m in (boto3, botocore, bootstrap, pyroute2, urllib3)},
+                for m in (botocore, bootstrap, pyroute2, urllib3)},
 }))
 """
 
