@@ -4,6 +4,9 @@
   instance answers at the Elastic IP (the client probes every 20 ms); under the default strategy
   (policy-route) and, in `heal_latency_by_strategy_s`, under each of the lab's strategies
   (policy-route, main-table, ipv6 direct, interface-endpoints direct);
+- the payload is the shipped bundle, unpacked and byte-compiled as the user data installs it, run as the
+  unit runs it (`python3.9 -S -m bootstrap`), when this machine has a CPython 3.9; else (or with
+  `--payload checkout`) this checkout with this interpreter and its venv's botocore (whole models);
 - failover downtime: killing the holder to the first answer from the replacement (which boots in the
   other AZ), and the part of it after the replacement's payload started;
 - the floor: a process that only creates the EC2 client and makes the same three API calls, through
@@ -21,10 +24,14 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tests import netns
+from tests.kernel import bundled
 from tests.lab import timeline, vpc
 
 TARGETS = {
@@ -43,6 +50,37 @@ def summary(values: list[float]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Payload:
+    """What the lab's instances run: the shipped bundle (``path``) under ``python``, or this checkout."""
+
+    description: str
+    python: str | None = None
+    path: Path | None = None
+
+    def boot(self, lab: vpc.Lab, az: int, *, strategy: str = vpc.POLICY_ROUTE) -> vpc.Instance:
+        instance = lab.boot(az, strategy=strategy)
+        if self.python is None or self.path is None:
+            return instance
+        python, path = self.python, str(self.path)
+        checkout_env = instance.payload_env
+
+        def argv(*extra: str, config: Path | None = None) -> list[str]:
+            # env -C: `python -m` puts its working directory first on sys.path, and the lab starts the
+            # payload in this checkout, whose bootstrap/ would shadow the bundle's.
+            return [
+                "env", "-C", path, python, "-S", "-m", "bootstrap",
+                "--config", str(config or instance.config_path), "--verbose", *extra,
+            ]  # fmt: skip
+
+        def env(extra: dict[str, str] | None = None) -> dict[str, str]:
+            return {**checkout_env(extra), "PYTHONPATH": path}
+
+        instance.payload_argv = argv  # type: ignore[method-assign]
+        instance.payload_env = env  # type: ignore[method-assign]
+        return instance
+
+
 def first_answer(lab: vpc.Lab, instance: vpc.Instance, after: float, timeout: float = 10) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -53,10 +91,12 @@ def first_answer(lab: vpc.Lab, instance: vpc.Instance, after: float, timeout: fl
     raise RuntimeError(f"the client never reached {instance.instance_id} at {vpc.EIP}")
 
 
-def heal_once(lab: vpc.Lab, az: int, strategy: str = vpc.POLICY_ROUTE) -> tuple[float, float]:
+def heal_once(
+    lab: vpc.Lab, payload: Payload, az: int, strategy: str = vpc.POLICY_ROUTE
+) -> tuple[float, float]:
     """(payload start -> first client answer, payload start -> exit)."""
     lab.reset()
-    instance = lab.boot(az, strategy=strategy)
+    instance = payload.boot(lab, az, strategy=strategy)
     run = instance.run_payload()
     if run.returncode != 0:
         raise RuntimeError(f"payload exited {run.returncode}:\n{run.stderr}")
@@ -98,15 +138,15 @@ def floor_once(lab: vpc.Lab, az: int) -> float:
     return seconds
 
 
-def failover_once(lab: vpc.Lab, az: int) -> tuple[float, float]:
+def failover_once(lab: vpc.Lab, payload: Payload, az: int) -> tuple[float, float]:
     """(kill -> first answer from the replacement, replacement's payload start -> that answer)."""
     lab.reset()
-    holder = lab.boot(az)
+    holder = payload.boot(lab, az)
     run = holder.run_payload()
     first_answer(lab, holder, run.started)
     killed = time.monotonic()
     lab.kill(holder)
-    replacement = lab.boot(1 - az)
+    replacement = payload.boot(lab, 1 - az)
     run = replacement.run_payload()
     if run.returncode != 0:
         raise RuntimeError(f"replacement's payload exited {run.returncode}:\n{run.stderr}")
@@ -119,23 +159,38 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per figure (medians are reported)")
+    parser.add_argument(
+        "--payload",
+        choices=("bundle", "checkout"),
+        default="bundle",
+        help="the shipped bundle under CPython 3.9 (default, when there is one) or this checkout",
+    )
     args = parser.parse_args(argv)
     if not netns.can_run():
         print(f"benchmark: {netns.HOW_TO_RUN.replace('make test', 'make bench')}", file=sys.stderr)
         return 1
     netns.remove_stale()
-    with vpc.build() as lab:
+    python39 = bundled.find_python39() if args.payload == "bundle" else None
+    with tempfile.TemporaryDirectory(prefix="eipr-bench-") as tmp, vpc.build() as lab:
+        if python39:
+            shipped = bundled.unpack(python39, Path(tmp) / "opt-eip-reclaim")
+            payload = Payload(
+                f"bundle {shipped.manifest['input_hash'][:16]} with {python39} -S", python39, shipped.path
+            )
+        else:
+            note = "" if args.payload == "checkout" else " (no CPython 3.9 here for the bundle)"
+            payload = Payload(f"checkout with {sys.executable}{note}")
         lab.start_probe()
         # One untimed heal first: the page cache then holds what every later run imports.
-        heal_once(lab, 0)
-        heals = [heal_once(lab, k % 2) for k in range(args.runs)]
+        heal_once(lab, payload, 0)
+        heals = [heal_once(lab, payload, k % 2) for k in range(args.runs)]
         # Each strategy after one untimed heal of its own (its first run loads what only it uses).
         by_strategy: dict[str, list[tuple[float, float]]] = {}
         for strategy in vpc.STRATEGIES:
-            heal_once(lab, 0, strategy)
-            by_strategy[strategy] = [heal_once(lab, k % 2, strategy) for k in range(args.runs)]
+            heal_once(lab, payload, 0, strategy)
+            by_strategy[strategy] = [heal_once(lab, payload, k % 2, strategy) for k in range(args.runs)]
         floors = [floor_once(lab, k % 2) for k in range(args.runs)]
-        failovers = [failover_once(lab, k % 2) for k in range(args.runs)]
+        failovers = [failover_once(lab, payload, k % 2) for k in range(args.runs)]
         spec_source = lab.spec.source
     heal_latency = summary([h[0] for h in heals])
     floor = summary(floors)
@@ -145,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "lab_spec": spec_source,
+        "payload": payload.description,
         "runs": args.runs,
         "heal_latency_s": heal_latency,
         "heal_latency_by_strategy_s": {

@@ -6,11 +6,12 @@ verify against moto, restore. Between runs the Elastic IP is given back to the o
 the timing, so every run does the whole reclaim. Needs root.
 
 - run_wall_s: process start to exit, as the caller sees it;
+- run_cpu_s: the CPU time (user + system) of that process: steadier than wall time on a shared machine;
 - startup_s: the same interpreter doing nothing (`python -c pass`) in the same namespace;
-- imports_s: a fresh interpreter importing the modules a run loads (bootstrap, pyroute2's IPRoute,
-  botocore and its client machinery) and loading the EC2 model, one after another, timed inside the
-  interpreter (so without startup_s); the payload overlaps part of it with IMDS and route work on a
-  background thread;
+- imports_s: a fresh interpreter importing the modules a run loads (bootstrap, pyroute2's IPRoute as the
+  payload imports it, botocore and its client machinery) and loading the EC2 model, one after another,
+  timed inside the interpreter (so without startup_s); the payload overlaps part of it with IMDS and
+  route work on a background thread;
 - importtime_top: the slowest top-level imports of one run under `python -X importtime`.
 
     sudo .venv/bin/python -m benchmarks.payload_run --runs 9
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -33,8 +35,8 @@ from tests.kernel.world import REPO, world
 
 IMPORTS = """
 import time; t = time.perf_counter()
-import bootstrap.cli, bootstrap.reclaim, bootstrap.claim, bootstrap.aws
-from pyroute2.iproute.linux import IPRoute
+import bootstrap.cli, bootstrap.reclaim, bootstrap.claim, bootstrap.aws, bootstrap.iproute
+bootstrap.iproute.iproute_class()
 import botocore.session, botocore.client, botocore.config
 botocore.session.Session().get_service_model("ec2")
 print(time.perf_counter() - t)
@@ -50,13 +52,20 @@ def _summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _timed(w: Any, config: Path, *extra: str) -> tuple[float, str]:
+def _children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def _timed(w: Any, config: Path, *extra: str) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the payload's process, its stderr)."""
+    cpu = _children_cpu()
     started = time.perf_counter()
     code, _, err = w.run_payload(config, *extra)
     took = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"payload exited {code}:\n{err}")
-    return took, err
+    return took, _children_cpu() - cpu, err
 
 
 def main() -> None:
@@ -79,13 +88,14 @@ def main() -> None:
         else:
             w.payload_argv = [args.python, "-m", "bootstrap"]
         config = w.config()
-        walls, startups, imports = [], [], []
+        walls, cpus, startups, imports = [], [], [], []
         for _ in range(args.runs):
             w.seed("associate", w.ids["allocation_id"], w.ids["other"])
-            took, err = _timed(w, config)
+            took, cpu, err = _timed(w, config)
             if "associating" not in err:
                 raise SystemExit(f"the run did not reclaim:\n{err}")
             walls.append(took)
+            cpus.append(cpu)
             started = time.perf_counter()
             w.inst.run(args.python, "-c", "pass")
             startups.append(time.perf_counter() - started)
@@ -104,6 +114,7 @@ def main() -> None:
         "payload": f"{args.bundle or 'checkout'} with {args.python}",
         "runs": args.runs,
         "run_wall_s": _summary(walls),
+        "run_cpu_s": _summary(cpus),
         "startup_s": _summary(startups),
         "imports_s": _summary(imports),
         "import_share_of_run": round(median_imports / median_wall, 2),
