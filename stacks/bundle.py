@@ -54,7 +54,7 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 CACHE_KEEP = 4
 # Bumped when this module changes what it writes; the module's own source is hashed into the cache key too.
 BUILD_FORMAT = 1
-# Parts of the pinned packages that nothing on the payload's path imports or reads (0.3 MB zipped); each
+# Parts of the pinned packages that nothing on the payload's path imports or reads (0.4 MB zipped); each
 # must exist, so a new pin that moves one fails the build instead of shipping it.
 PRUNED_PATHS = (
     # dateutil's copy of the tz database: only tz.gettz() on a host without /usr/share/zoneinfo reads it;
@@ -333,6 +333,9 @@ def _keep_operations(data_dir: Path, operations: Mapping[str, Sequence[str]]) ->
         for old in versions[:-1]:
             shutil.rmtree(old)
         newest = versions[-1]
+        if (newest / "service-2.sdk-extras.json").exists():
+            # botocore merges it into the model it loads; trimming would have to merge it first.
+            raise BundleError(f"{entry.name}/{newest.name}: service-2.sdk-extras.json is not handled")
         model = _read_json(newest / "service-2")
         prefixes.add(model["metadata"]["endpointPrefix"])
         trimmed = trim_model(model, operations[entry.name], where=f"{entry.name}/{newest.name}")

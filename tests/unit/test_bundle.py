@@ -450,6 +450,16 @@ def test_trimming_keeps_each_shape_as_it_was_but_its_documentation() -> None:
         bundle.trim_model(_full_model("ec2"), ("DescribeAddresses", "NoSuchCall"))
 
 
+def test_a_model_with_extras_to_merge_is_refused(tmp_path: Path) -> None:
+    # botocore merges service-2.sdk-extras.json into the model: a trim that ignored it would change it.
+    version = tmp_path / "data" / "ec2" / "2016-11-15"
+    version.mkdir(parents=True)
+    (version / "service-2.json").write_text(json.dumps(_full_model("ec2")))
+    (version / "service-2.sdk-extras.json").write_text("{}")
+    with pytest.raises(BundleError, match="sdk-extras"):
+        bundle._keep_operations(tmp_path / "data", {"ec2": ("DescribeAddresses",)})
+
+
 def _strip_docs(node: Any) -> Any:
     if isinstance(node, dict):
         return {
