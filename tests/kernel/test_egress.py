@@ -190,3 +190,38 @@ def test_the_mark_is_what_takes_the_nat(w: World) -> None:
         proc.communicate(timeout=30)
     assert unmarked["gateway"] == lab.ROUTER
     assert marked["gateway"] == lab.NAT
+
+
+@both_payloads
+def test_direct_changes_nothing_on_the_host(w: World) -> None:
+    """Egress direct (IPv6, interface endpoints): the API is reachable as routed, and nothing changes.
+
+    Here the instance's own default route reaches the API (via the NAT namespace, standing in for a
+    path that needs no detour; IMDS stays on the router, as EC2's hypervisor answers it on any route);
+    the run must take the address without one route or rule changing.
+    """
+    w.inst.ip("route", "add", "169.254.169.254", "via", lab.ROUTER, "dev", lab.IFNAME)
+    w.inst.ip(
+        "route",
+        "replace",
+        "default",
+        "via",
+        lab.NAT,
+        "dev",
+        lab.IFNAME,
+        "proto",
+        "dhcp",
+        "src",
+        lab.ADDRESS,
+        "metric",
+        "512",
+    )
+    before = _state(w)
+    with _sampling_main(w) as samples:
+        code, _, err = w.run_payload(w.config(egress="direct", nat_by_subnet=None))
+    assert code == 0, err
+    assert w.holder() == w.ids["self"]
+    assert _state(w) == before
+    assert samples and all(s == before[0] or s == w.routes("main") for s in samples)
+    assert "egress direct; no route change" in err
+    assert not w.journal.exists()

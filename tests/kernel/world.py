@@ -110,6 +110,7 @@ class World:
             "egress": "main-table",
         }
         document.update(overrides)
+        document = {k: v for k, v in document.items() if v is not None}  # None: leave the key out
         path = self.tmp / f"config-{time.monotonic_ns()}.json"
         path.write_text(json.dumps(document))
         return path
