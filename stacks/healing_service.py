@@ -12,6 +12,7 @@ from constructs import Construct
 
 from stacks.bundle import BundleInfo
 from stacks.config import ServiceConfig
+from stacks.launch_hook import hold_launches
 from stacks.monitoring import METRICS_NAMESPACE, ServiceAlarms
 from stacks.network import Network
 from stacks.payload_config import DEADLINE_SECONDS, payload_config
@@ -275,18 +276,9 @@ class HealingGroup(Construct):
                 pool_state=autoscaling.PoolState.STOPPED,
                 reuse_on_scale_in=False,
             )
+        hold_launches(self.group, name=LIFECYCLE_HOOK_NAME, timeout_seconds=int(HOOK_HEARTBEAT.to_seconds()))
         cfn_group = self.group.node.default_child
         assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
-        # Escape hatch: a hook in the group's own specification also holds the very first instance,
-        # which the group launches before a separate AWS::AutoScaling::LifecycleHook resource exists.
-        cfn_group.lifecycle_hook_specification_list = [
-            autoscaling.CfnAutoScalingGroup.LifecycleHookSpecificationProperty(
-                lifecycle_hook_name=LIFECYCLE_HOOK_NAME,
-                lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING",
-                default_result="ABANDON",
-                heartbeat_timeout=int(HOOK_HEARTBEAT.to_seconds()),
-            )
-        ]
         # The payload's configuration file (DESIGN.md); subnet ids, the address and the stack name stay
         # CloudFormation expressions until deploy.
         self.payload_config = payload_config(

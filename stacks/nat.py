@@ -22,6 +22,8 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
+from stacks.launch_hook import hold_launches
+
 # AWS reserves the first four addresses of every subnet (network, router, DNS, future use): the fifth
 # is the first an interface can hold, and it depends only on the subnet's CIDR, so the maps in user data
 # never go stale.
@@ -392,17 +394,11 @@ class NatInstance(Construct):
                 max_batch_size=1, min_instances_in_service=0
             ),
         )
+        hold_launches(
+            self.group, name=LIFECYCLE_HOOK_NAME, timeout_seconds=int(NAT_READY_TIMEOUT.to_seconds())
+        )
         cfn_group = self.group.node.default_child
         assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
-        # Escape hatch: a hook in the group's own specification also holds the very first instance.
-        cfn_group.lifecycle_hook_specification_list = [
-            autoscaling.CfnAutoScalingGroup.LifecycleHookSpecificationProperty(
-                lifecycle_hook_name=LIFECYCLE_HOOK_NAME,
-                lifecycle_transition="autoscaling:EC2_INSTANCE_LAUNCHING",
-                default_result="ABANDON",
-                heartbeat_timeout=int(NAT_READY_TIMEOUT.to_seconds()),
-            )
-        ]
         # The script names the group's logical ID, known only now; the template renders it lazily.
         self.user_data.add_commands(
             *nat_commands(
