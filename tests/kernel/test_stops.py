@@ -9,6 +9,7 @@ deadline (and a lookup held the signal for glibc's whole timeout).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -53,15 +54,18 @@ def _resolver_silent(w: World) -> Iterator[None]:
     # `ip netns exec` mounts /etc/netns/<name>/resolv.conf over /etc/resolv.conf for that namespace only.
     # The resolver is the VPC router, which drops every query (no ICMP error to end the wait early).
     directory = Path("/etc/netns") / w.inst.name
-    directory.mkdir(parents=True)
-    (directory / "resolv.conf").write_text(f"nameserver {lab.ROUTER}\noptions timeout:5 attempts:2\n")
     rule = ["INPUT", "-p", "udp", "--dport", "53", "-j", "DROP"]
-    w.router.run("iptables", "-I", *rule)
     try:
+        directory.mkdir(parents=True)
+        (directory / "resolv.conf").write_text(f"nameserver {lab.ROUTER}\noptions timeout:5 attempts:2\n")
+        w.router.run("iptables", "-I", *rule)
         yield
     finally:
         w.router.run("iptables", "-D", *rule, check=False)
-        shutil.rmtree(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        # /etc/netns itself only if this test made it and nothing else is in it.
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()
 
 
 BLOCKS = {"connect": _syn_dropped, "read": _api_silent, "lookup": _resolver_silent}
