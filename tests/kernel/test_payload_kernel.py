@@ -109,15 +109,8 @@ def test_deadline_restores_and_exits_75(w: World) -> None:
 @both_payloads
 def test_sigterm_mid_detour_restores_and_exits_75(w: World) -> None:
     before = w.all_routes()
-    w.pause_api()
-    proc = w.start_payload(w.config())
-    try:
-        w.wait_for_detour()
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        w.resume_api()
-    assert proc.returncode == 75, err
+    code, err = w.stop_mid_detour(w.config())
+    assert code == 75, err
     assert "SIGTERM" in err
     assert w.all_routes() == before
     assert not w.journal.exists()

@@ -160,6 +160,18 @@ class World:
         assert self.moto is not None
         os.kill(self.moto.pid, signal.SIGCONT)
 
+    def stop_mid_detour(self, config: Path) -> tuple[int, str]:
+        """Start a run, hold the API so it sits in the detour, SIGTERM it there; (exit code, stderr)."""
+        self.pause_api()
+        proc = self.start_payload(config)
+        try:
+            self.wait_for_detour()
+            os.kill(proc.pid, signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            self.resume_api()
+        return proc.returncode, err
+
     def kill_mid_detour(self, config: Path, *, before_kill: Callable[[], None] = lambda: None) -> None:
         """Start a run, hold the API so it sits in the detour, SIGKILL it there (after `before_kill`)."""
         self.pause_api()
