@@ -815,6 +815,13 @@ class Lab:
 
         self.subnet_ids = self.in_internet(register)
 
+    def _uplink(self, ns: netns.Netns, port: str, address: str) -> None:
+        """A veth from `ns` (its end named uplink, at `address`/24) to the internet namespace's bridge."""
+        ns.ip("link", "add", "uplink", "type", "veth", "peer", "name", port, "netns", self.internet.name)
+        self.internet.ip("link", "set", port, "master", "inet", "up")
+        ns.ip("addr", "add", f"{address}/24", "dev", "uplink")
+        ns.ip("link", "set", "uplink", "up")
+
     def _build_nat(self, subnet: spec.Subnet) -> None:
         """A NAT instance: its stable address on the subnet, an uplink, the stack's own rules, its IMDS."""
         index = subnet.az_index
@@ -826,21 +833,7 @@ class Lab:
         ns.ip("addr", "add", f"{subnet.nat_ip}/{subnet.cidr.prefixlen}", "dev", "ens5")
         ns.ip("link", "set", "ens5", "up")
         ns.ip("route", "add", str(self.spec.vpc_cidr), "via", str(subnet.router_ip))
-        ns.ip(
-            "link",
-            "add",
-            "uplink",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            f"p-nat{index}",
-            "netns",
-            self.internet.name,
-        )
-        self.internet.ip("link", "set", f"p-nat{index}", "master", "inet", "up")
-        ns.ip("addr", "add", f"{nat_uplink_ip(index)}/24", "dev", "uplink")
-        ns.ip("link", "set", "uplink", "up")
+        self._uplink(ns, f"p-nat{index}", nat_uplink_ip(index))
         ns.ip("route", "add", "default", "via", INTERNET_IP)
         # The NAT instances' own setup text (forwarding, redirects, rp_filter, the packet filter), as
         # their boot unit runs it at every boot.
@@ -892,21 +885,7 @@ class Lab:
             ns.ip("addr", "add", f"{address}/{subnet.cidr.prefixlen}", "dev", inside)
             ns.ip("link", "set", inside, "up")
             addresses.append(address)
-        ns.ip(
-            "link",
-            "add",
-            "uplink",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "p-endpoints",
-            "netns",
-            self.internet.name,
-        )
-        self.internet.ip("link", "set", "p-endpoints", "master", "inet", "up")
-        ns.ip("addr", "add", f"{ENDPOINT_UPLINK_IP}/24", "dev", "uplink")
-        ns.ip("link", "set", "uplink", "up")
+        self._uplink(ns, "p-endpoints", ENDPOINT_UPLINK_IP)
         set_sysctls(
             ns,
             {
