@@ -281,8 +281,10 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         egress.check_journal(deps.journal)
         with deps.netlink() as netlink:
             egress.recover(netlink, deps.journal)
-    with deps.netlink() as netlink:
-        routes.repair_leftover_detour(netlink, nats=config.nat_by_subnet.values())
+    if config.nat_by_subnet:
+        # No NAT addresses (egress direct): nothing could be a leftover detour, and netlink stays closed.
+        with deps.netlink() as netlink:
+            routes.repair_leftover_detour(netlink, nats=config.nat_by_subnet.values())
     identity = deps.imds.identity()
     LOG.info(
         "imds: instance %s in %s (%s), VPC %s, public IPv4 %s",

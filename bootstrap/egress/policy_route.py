@@ -14,7 +14,6 @@ the mark once the payload is gone), and the next run removes them.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
@@ -227,17 +226,3 @@ def mark_connections(client: object, mark: int) -> None:
     if option not in options:
         options.append(option)
 
-
-def ensure_mark_allowed() -> None:
-    """SO_MARK needs CAP_NET_ADMIN: find out before any change, not at the first connection."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
-    except OSError as err:
-        if err.errno == errno.EPERM:
-            raise TransientError(
-                "egress policy-route: setting SO_MARK is not permitted (the payload needs CAP_NET_ADMIN)"
-            ) from None
-        raise
-    finally:
-        probe.close()
