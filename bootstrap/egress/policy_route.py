@@ -225,4 +225,3 @@ def mark_connections(client: object, mark: int) -> None:
     option = (socket.SOL_SOCKET, SO_MARK, mark)
     if option not in options:
         options.append(option)
-
