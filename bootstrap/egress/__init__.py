@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from bootstrap.errors import TransientError
 from bootstrap.imds import Identity, Imds
-from bootstrap.routes import Netlink
+from bootstrap.routes import DetourBypassed, Netlink
 from bootstrap.state import Journal
 
 LOG = logging.getLogger(__name__)
@@ -110,6 +110,21 @@ def check_journal(journal: Journal) -> None:
         raise TransientError(
             f"journal: {journal.path}: malformed plan ({type(err).__name__}: {err}); inspect and remove it"
         ) from None
+
+
+def check_settled(check: Callable[[], None], repair: Callable[[], bool]) -> None:
+    """Ask the kernel for the API's path; on a bypass, if `repair` put anything back, ask again.
+
+    A lease renewal (networkd's DHCP route, its cleanup of foreign rules) can land between the change and
+    the check as easily as between two calls: the race is not a bypass. A bypass that survives the repair
+    (a source rule, a VPN's half routes) is one, and stops the run.
+    """
+    try:
+        check()
+    except DetourBypassed:
+        if not repair():
+            raise
+        check()
 
 
 def forget(journal: Journal) -> None:

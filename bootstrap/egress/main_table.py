@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from bootstrap import routes
-from bootstrap.egress import Context, forget
+from bootstrap.egress import Context, check_settled, forget
 from bootstrap.errors import IdentityMismatch
 from bootstrap.imds import Imds, ImdsError
 from bootstrap.routes import DetourPlan, Netlink
@@ -53,7 +53,7 @@ class MainTable:
         netlink.replace(plan.detour)
         LOG.info("routes: default route now via NAT %s (metric %d)", plan.nat, plan.detour.priority)
         _guard_identity(self.context.imds, self.context.identity.instance_id)
-        self._check_path()
+        check_settled(self._check_path, self._repair)
 
     def _check_path(self) -> None:
         src = routes.source_address(self.context.netlink, self.plan)
@@ -65,10 +65,15 @@ class MainTable:
             ifindex=self.plan.ifindex,
         )
 
+    def _repair(self) -> bool:
+        if not routes.assert_detour(self.context.netlink, self.plan):
+            return False
+        LOG.warning("routes: default route was changed under the detour; detour re-asserted")
+        return True
+
     def before_call(self) -> None:
-        if routes.assert_detour(self.context.netlink, self.plan):
-            LOG.warning("routes: default route was changed under the detour; detour re-asserted")
-            self._check_path()
+        if self._repair():
+            check_settled(self._check_path, self._repair)
 
     def adopt(self, client: object) -> None:
         """Nothing to do: every connection takes the main table's default route."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bootstrap import routes
-from bootstrap.egress import Context, forget
+from bootstrap.egress import Context, check_settled, forget
 from bootstrap.errors import ConfigError, TransientError
 from bootstrap.routes import Netlink, Route, RouteError, Rule
 from bootstrap.state import Journal
@@ -138,7 +138,7 @@ class PolicyRoute:
             TABLE,
             state.nat,
         )
-        self._check_path()
+        check_settled(self._check_path, self._repair)
 
     def _check_path(self) -> None:
         routes.check_path(
@@ -151,6 +151,10 @@ class PolicyRoute:
         )
 
     def before_call(self) -> None:
+        if self._repair():
+            check_settled(self._check_path, self._repair)
+
+    def _repair(self) -> bool:
         """Put the rule and the route back if something (networkd reconfiguring) removed them."""
         netlink, state = self.context.netlink, self.state
         changed = []
@@ -162,7 +166,7 @@ class PolicyRoute:
             changed.append(state.route.describe())
         if changed:
             LOG.warning("routes: %s had gone; put back", "; ".join(changed))
-            self._check_path()
+        return bool(changed)
 
     def adopt(self, client: object) -> None:
         mark_connections(client, MARK)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -90,3 +91,62 @@ def test_a_bypass_that_appears_with_a_lease_renewal_is_caught_before_the_next_ca
     assert rig.main() == 75
     assert rig.ec2.calls == ["DescribeAddresses", "DescribeInstances"]
     assert rig.netlink.table == [*AL2023_TABLE, Route(dst="128.0.0.0/1", gateway="10.0.0.1", oif=IFINDEX)]
+
+
+def _renew_main_table(rig: Rig) -> None:
+    """networkd's renewal: its DHCP default route replaces the detour (same metric)."""
+    rig.netlink.replace(AL2023_TABLE[0])
+
+
+def _renew_policy_route(rig: Rig) -> None:
+    """networkd's reconfiguration: foreign rules are removed, the payload's with them."""
+    ours = next(r for r in rig.netlink.rules() if r.fwmark)
+    assert rig.netlink.delete_rule(ours)
+
+
+@pytest.mark.parametrize(
+    ("egress", "renew", "logged"),
+    [
+        ("main-table", _renew_main_table, "detour re-asserted"),
+        ("policy-route", _renew_policy_route, "had gone; put back"),
+    ],
+)
+def test_a_renewal_between_the_change_and_the_first_path_check_is_repaired_not_taken_for_a_bypass(
+    rig: Rig, egress: str, renew: Callable[[Rig], None], logged: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The race is not a bypass: the detour is put back and the kernel asked again (the run heals)."""
+    route_get = rig.netlink.route_get
+    asked: list[str | None] = []
+
+    def racing(dst: str, src: str | None = None, mark: int | None = None) -> Any:
+        if not asked:
+            renew(rig)
+        found = route_get(dst, src=src, mark=mark)
+        asked.append(found.gateway)
+        return found
+
+    rig.netlink.route_get = racing  # type: ignore[method-assign]
+    assert rig.main(config=rig.config(egress=egress)) == 0
+    assert asked[:2] == ["10.0.0.1", "10.0.0.4"]
+    assert rig.ec2.address["InstanceId"] == SELF
+    assert rig.netlink.table == AL2023_TABLE
+    assert logged in capsys.readouterr().err
+
+
+def test_a_bypass_that_survives_the_repair_still_stops_the_run(rig: Rig) -> None:
+    """A renewal that brings a source rule too: the repair puts the detour back, the rule still wins."""
+    route_get = rig.netlink.route_get
+    calls = []
+
+    def racing(dst: str, src: str | None = None, mark: int | None = None) -> Any:
+        if not calls:
+            _renew_main_table(rig)
+            rig.netlink.rule_list.append(Rule(10000, 10000, src="10.0.0.10/32"))
+            rig.netlink.table.append(Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=IFINDEX, table=10000))
+        calls.append(dst)
+        return route_get(dst, src=src, mark=mark)
+
+    rig.netlink.route_get = racing  # type: ignore[method-assign]
+    assert rig.main() == 75
+    assert len(calls) == 2
+    assert rig.ec2.calls == []
