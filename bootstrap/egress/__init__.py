@@ -112,16 +112,22 @@ def check_journal(journal: Journal) -> None:
         ) from None
 
 
-def check_settled(check: Callable[[], None], repair: Callable[[], bool]) -> None:
-    """Ask the kernel for the API's path; on a bypass, if `repair` put anything back, ask again.
+def check_settled(
+    check: Callable[[], None],
+    repair: Callable[[], bool],
+    failure: type[Exception] = DetourBypassed,
+) -> None:
+    """Run a check of the detour (the kernel's word on the API's path, IMDS's identity); when it fails
+    with `failure` and `repair` put anything back, run it once more.
 
-    A lease renewal (networkd's DHCP route, its cleanup of foreign rules) can land between the change and
-    the check as easily as between two calls: the race is not a bypass. A bypass that survives the repair
-    (a source rule, a VPN's half routes) is one, and stops the run.
+    A lease renewal (networkd's DHCP route, a flush of the pins, its cleanup of foreign rules) can land
+    between the change and the check as easily as between two calls: the race is not a bypass. A failure
+    that survives the repair (a source rule, a VPN's half routes, a pin the run could not add) is real,
+    and stops the run.
     """
     try:
         check()
-    except DetourBypassed:
+    except failure:
         if not repair():
             raise
         check()

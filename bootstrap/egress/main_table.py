@@ -52,8 +52,11 @@ class MainTable:
         )
         netlink.replace(plan.detour)
         LOG.info("routes: default route now via NAT %s (metric %d)", plan.nat, plan.detour.priority)
-        _guard_identity(self.context.imds, self.context.identity.instance_id)
+        check_settled(self._guard_identity, self._repair, IdentityMismatch)
         check_settled(self._check_path, self._repair)
+
+    def _guard_identity(self) -> None:
+        _guard_identity(self.context.imds, self.context.identity.instance_id)
 
     def _check_path(self) -> None:
         src = routes.source_address(self.context.netlink, self.plan)
@@ -68,7 +71,7 @@ class MainTable:
     def _repair(self) -> bool:
         if not routes.assert_detour(self.context.netlink, self.plan):
             return False
-        LOG.warning("routes: default route was changed under the detour; detour re-asserted")
+        LOG.warning("routes: the detour or its pins were changed under the run (a lease renewal?); put back")
         return True
 
     def before_call(self) -> None:

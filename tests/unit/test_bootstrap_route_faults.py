@@ -107,7 +107,7 @@ def _renew_policy_route(rig: Rig) -> None:
 @pytest.mark.parametrize(
     ("egress", "renew", "logged"),
     [
-        ("main-table", _renew_main_table, "detour re-asserted"),
+        ("main-table", _renew_main_table, "were changed under the run (a lease renewal?); put back"),
         ("policy-route", _renew_policy_route, "had gone; put back"),
     ],
 )
@@ -150,3 +150,26 @@ def test_a_bypass_that_survives_the_repair_still_stops_the_run(rig: Rig) -> None
     assert rig.main() == 75
     assert len(calls) == 2
     assert rig.ec2.calls == []
+
+
+def test_a_pin_flushed_before_the_identity_guard_is_added_back_and_the_guard_asked_again(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A renewal that flushes the pins right after they were added: without the 169.254.169.254 pin IMDS
+    answers through the NAT (another instance). The pin is put back and the guard passes the second time."""
+    imds_pin = "169.254.169.254/32"
+    flushed: list[Route] = []
+
+    def instance_id() -> str:
+        if not flushed:
+            flushed.append(next(r for r in rig.netlink.table if r.dst == imds_pin))
+            rig.netlink.delete(flushed[0])
+        pinned = any(r.dst == imds_pin for r in rig.netlink.table)
+        return SELF if pinned else "i-0natinstance00000"
+
+    rig.imds.instance_id = instance_id  # type: ignore[method-assign]
+    assert rig.main() == 0
+    assert rig.ec2.address["InstanceId"] == SELF
+    assert rig.netlink.table == AL2023_TABLE
+    err = capsys.readouterr().err
+    assert f"pin {imds_pin} via 10.0.0.1 dev index {IFINDEX} proto static metric 0 had vanished" in err
