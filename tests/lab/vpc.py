@@ -238,7 +238,9 @@ class Instance:
         """Every IPv4 route change the kernel announces in this namespace while the block runs.
 
         `ip monitor` block-buffers into a pipe (a killed monitor would lose what it saw): it runs
-        line-buffered. It is listening once it has reported MARKER, added and removed here first.
+        line-buffered. It is listening once it has reported MARKER, added and removed here first; and it
+        has read every change of the block once it reports MARKER's removal a second time (the kernel
+        announces changes in order), however slowly a loaded machine schedules it.
         """
         lines: list[str] = []
         monitor = self.ns.popen(["stdbuf", "-oL", "ip", "-4", "monitor", "route"], stdout=subprocess.PIPE)
@@ -251,8 +253,16 @@ class Instance:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
 
-        def marker_seen(deleted: bool) -> bool:
-            return any(f"table {MARKER_TABLE}" in x and x.startswith("Deleted") == deleted for x in lines)
+        removed = 0  # how many times the marker was removed here: its removals to wait for
+
+        def marker_removed() -> None:
+            nonlocal removed
+            self.ns.ip("route", "del", *MARKER)
+            removed += 1
+
+        def marker_seen(deleted: bool, times: int = 1) -> bool:
+            seen = [x for x in lines if f"table {MARKER_TABLE}" in x and x.startswith("Deleted") == deleted]
+            return len(seen) >= times
 
         try:
             give_up = time.monotonic() + 15
@@ -262,14 +272,16 @@ class Instance:
                 time.sleep(0.05)
                 if marker_seen(deleted=False):
                     break
-                self.ns.ip("route", "del", *MARKER)
+                marker_removed()
                 if time.monotonic() > give_up:
                     raise TimeoutError("lab: ip monitor never reported the marker route")
-            self.ns.ip("route", "del", *MARKER)
-            wait_for(lambda: marker_seen(deleted=True), "the marker route's removal")
+            marker_removed()
+            wait_for(lambda: marker_seen(deleted=True, times=removed), "the marker route's removal")
             events: list[str] = []
             yield events
-            time.sleep(0.2)  # what the block's last change announces
+            self.ns.ip("route", "add", *MARKER)
+            marker_removed()
+            wait_for(lambda: marker_seen(deleted=True, times=removed), "the block's last change")
         finally:
             os.killpg(monitor.pid, signal.SIGKILL)
             monitor.wait(10)
