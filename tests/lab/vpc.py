@@ -954,6 +954,24 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def _unwind_in(owner: int) -> Callable[[int, Any], None]:
+    """A SIGTERM handler: in the process that built the lab, unwind like Ctrl-C (CI cancelling), so the
+    finally blocks delete everything; in a forked copy of it, exit at once.
+
+    pyroute2's `IPRoute(netns=...)` forks a helper that makes the socket in the namespace, hands it over,
+    and is then stopped with SIGTERM. A helper still alive by then inherits this handler: unwinding, it
+    ran the copied stack's finally blocks — this lab's teardown — and SIGKILLed the parent's `ip monitor`
+    mid-test (seen under load: no route event at all, the monitor dead with -9).
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    return handler
+
+
 @contextmanager
 def build(lab_spec: spec.Spec | None = None) -> Iterator[Lab]:
     """Build the lab; however the block ends (failure, Ctrl-C), kill its processes and delete it all."""
@@ -961,8 +979,7 @@ def build(lab_spec: spec.Spec | None = None) -> Iterator[Lab]:
         raise PermissionError(netns.HOW_TO_RUN)
     directory = Path(tempfile.mkdtemp(prefix="eip-reclaim-lab-"))
     previous = signal.getsignal(signal.SIGTERM)
-    # SIGTERM (CI cancelling) unwinds like Ctrl-C, so the finally blocks below delete everything.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _unwind_in(os.getpid()))
     try:
         with ExitStack() as stack:
             lab = Lab(stack, lab_spec or spec.load(), directory)
