@@ -104,17 +104,15 @@ def _renew_policy_route(rig: Rig) -> None:
     assert rig.netlink.delete_rule(ours)
 
 
-@pytest.mark.parametrize(
-    ("egress", "renew", "logged"),
-    [
-        ("main-table", _renew_main_table, "were changed under the run (a lease renewal?); put back"),
-        ("policy-route", _renew_policy_route, "had gone; put back"),
-    ],
-)
-def test_a_renewal_between_the_change_and_the_first_path_check_is_repaired_not_taken_for_a_bypass(
-    rig: Rig, egress: str, renew: Callable[[Rig], None], logged: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The race is not a bypass: the detour is put back and the kernel asked again (the run heals)."""
+def _renew_with_a_source_rule(rig: Rig) -> None:
+    """A renewal that brings amazon-ec2-net-utils' source rule and table too."""
+    _renew_main_table(rig)
+    rig.netlink.rule_list.append(Rule(10000, 10000, src="10.0.0.10/32"))
+    rig.netlink.table.append(Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=IFINDEX, table=10000))
+
+
+def _race_the_first_path_check(rig: Rig, renew: Callable[[Rig], None]) -> list[str | None]:
+    """Run `renew` just before the kernel is first asked for the API's path; return every answer's gateway."""
     route_get = rig.netlink.route_get
     asked: list[str | None] = []
 
@@ -126,6 +124,21 @@ def test_a_renewal_between_the_change_and_the_first_path_check_is_repaired_not_t
         return found
 
     rig.netlink.route_get = racing  # type: ignore[method-assign]
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("egress", "renew", "logged"),
+    [
+        ("main-table", _renew_main_table, "were changed under the run (a lease renewal?); put back"),
+        ("policy-route", _renew_policy_route, "had gone; put back"),
+    ],
+)
+def test_a_renewal_between_the_change_and_the_first_path_check_is_repaired_not_taken_for_a_bypass(
+    rig: Rig, egress: str, renew: Callable[[Rig], None], logged: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The race is not a bypass: the detour is put back and the kernel asked again (the run heals)."""
+    asked = _race_the_first_path_check(rig, renew)
     assert rig.main(config=rig.config(egress=egress)) == 0
     assert asked[:2] == ["10.0.0.1", "10.0.0.4"]
     assert rig.ec2.address["InstanceId"] == SELF
@@ -134,21 +147,10 @@ def test_a_renewal_between_the_change_and_the_first_path_check_is_repaired_not_t
 
 
 def test_a_bypass_that_survives_the_repair_still_stops_the_run(rig: Rig) -> None:
-    """A renewal that brings a source rule too: the repair puts the detour back, the rule still wins."""
-    route_get = rig.netlink.route_get
-    calls = []
-
-    def racing(dst: str, src: str | None = None, mark: int | None = None) -> Any:
-        if not calls:
-            _renew_main_table(rig)
-            rig.netlink.rule_list.append(Rule(10000, 10000, src="10.0.0.10/32"))
-            rig.netlink.table.append(Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=IFINDEX, table=10000))
-        calls.append(dst)
-        return route_get(dst, src=src, mark=mark)
-
-    rig.netlink.route_get = racing  # type: ignore[method-assign]
+    """The repair puts the detour back, the source rule still wins: asked twice, then 75, no API call."""
+    asked = _race_the_first_path_check(rig, _renew_with_a_source_rule)
     assert rig.main() == 75
-    assert len(calls) == 2
+    assert len(asked) == 2
     assert rig.ec2.calls == []
 
 
