@@ -18,8 +18,8 @@ from bootstrap.egress.direct import Direct
 from bootstrap.errors import EXIT_OK, EXIT_TEMPFAIL, ReclaimError, Terminated, TransientError
 from bootstrap.imds import Credentials, Identity, Imds, ImdsError
 from bootstrap.interrupts import INTERRUPTS, Interrupts
+from bootstrap.netlink import Netlink, PyRoute2Netlink
 from bootstrap.report import Reporter
-from bootstrap.routes import Netlink
 from bootstrap.state import Journal, Marks, remove_stray_temporaries
 
 if TYPE_CHECKING:
@@ -428,4 +428,4 @@ def pyroute2_netlink() -> Iterator[Netlink]:
     from bootstrap.iproute import iproute_class  # noqa: PLC0415
 
     with iproute_class()() as ipr:
-        yield routes.PyRoute2Netlink(ipr)
+        yield PyRoute2Netlink(ipr)

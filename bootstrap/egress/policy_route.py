@@ -23,7 +23,8 @@ from typing import Any
 from bootstrap import routes
 from bootstrap.egress import Context, check_settled, forget
 from bootstrap.errors import ConfigError, TransientError
-from bootstrap.routes import Netlink, Route, RouteError, Rule
+from bootstrap.netlink import Netlink
+from bootstrap.route_model import DEFAULT, Route, RouteError, Rule
 from bootstrap.state import Journal
 
 LOG = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class PolicyRoute:
             ifindex=ifindex,
             nat=context.nat,
             rule=Rule(priority=RULE_PRIORITY, table=TABLE, fwmark=MARK),
-            route=Route(dst=routes.DEFAULT, gateway=context.nat, oif=ifindex, prefsrc=primary, table=TABLE),
+            route=Route(dst=DEFAULT, gateway=context.nat, oif=ifindex, prefsrc=primary, table=TABLE),
         )
 
     def prepare(self) -> None:

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.root
 SCRIPT = r"""
 import errno, json
 from dataclasses import replace
-from bootstrap import reclaim, routes
-from bootstrap.routes import Route, RouteError
+from bootstrap import reclaim, route_model, routes
+from bootstrap.route_model import Route, RouteError
 from tests.unit.test_bootstrap_fakes import FakeNetlink
 
 def scenario(nl, ifindex):
@@ -39,7 +39,7 @@ def scenario(nl, ifindex):
     out.append(f"delete-present: {nl.delete(pin)}")
     out.append(f"delete-absent: {nl.delete(pin)}")
     table = sorted((r.dst, r.gateway, r.priority, r.proto, r.scope, r.prefsrc, list(r.metrics))
-                   for r in nl.routes(routes.MAIN_TABLE))
+                   for r in nl.routes(route_model.MAIN_TABLE))
     return {"events": out, "table": table}
 
 def group(nl, ifindex):
@@ -50,7 +50,7 @@ def group(nl, ifindex):
     detour = replace(dhcp, gateway="10.0.0.4")
     static = Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=ifindex, priority=700)
     def order():
-        table = routes._defaults(nl.routes(routes.MAIN_TABLE))
+        table = routes._defaults(nl.routes(route_model.MAIN_TABLE))
         return [[r.gateway, r.proto] for r in table if r.priority == 700]
     def step(name, command, route):
         try:

@@ -13,7 +13,7 @@ import pytest
 
 from bootstrap.egress import policy_route
 from bootstrap.egress.policy_route import MARK, RULE_PRIORITY, SO_MARK, TABLE
-from bootstrap.routes import Route, Rule
+from bootstrap.route_model import Route, Rule
 from tests.unit.test_bootstrap_fakes import AL2023_TABLE, IFINDEX, SELF, Rig
 
 MARKED = (socket.SOL_SOCKET, SO_MARK, MARK)

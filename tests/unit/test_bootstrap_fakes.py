@@ -24,7 +24,7 @@ from botocore.exceptions import ClientError
 
 from bootstrap import reclaim, routes
 from bootstrap.imds import Credentials, Identity, ImdsError
-from bootstrap.routes import PathLookup, Route, RouteError, Rule
+from bootstrap.route_model import PathLookup, Route, RouteError, Rule
 from bootstrap.state import Journal
 
 SELF = "i-0123456789abcdef0"

@@ -202,9 +202,10 @@ def test_a_permanent_error_abandons_at_once_with_the_failure_signal_and_metric(r
 
 def test_no_abandon_after_a_verified_association(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     from bootstrap import routes
+    from bootstrap.route_model import RouteError
 
     def broken_restore(netlink: Any, plan: Any) -> None:
-        raise routes.RouteError("routes: not restored as journaled: test")
+        raise RouteError("routes: not restored as journaled: test")
 
     monkeypatch.setattr(routes, "restore", broken_restore)
     rig.clock.boot = rig.clock.now - 600  # a window already spent would abandon a transient failure
