@@ -9,9 +9,10 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Callable, Optional, TextIO, TypeVar
 
 from bootstrap import egress, routes
+from bootstrap.clients import Clients
 from bootstrap.clock import Clock, Deadline
 from bootstrap.config import Config
 from bootstrap.egress.direct import Direct
@@ -23,11 +24,6 @@ from bootstrap.report import Reporter
 from bootstrap.state import Journal, Marks, remove_stray_temporaries
 
 if TYPE_CHECKING:
-    from mypy_boto3_autoscaling import AutoScalingClient
-    from mypy_boto3_cloudformation import CloudFormationClient
-    from mypy_boto3_cloudwatch import CloudWatchClient
-    from mypy_boto3_ec2 import EC2Client
-
     from bootstrap.claim import Outcome
 
 LOG = logging.getLogger(__name__)
@@ -38,26 +34,6 @@ _T = TypeVar("_T")
 CLAIMED_MARK = "claimed"
 # IMDS autoscaling/target-lifecycle-state values for which this instance must not take the address.
 NOT_IN_SERVICE = ("Terminated", "Standby", "Detached")
-
-
-class Clients(Protocol):
-    """What the run needs to make API clients (the real one is `aws.ClientFactory`)."""
-
-    def ec2(
-        self, endpoint_url: Optional[str], credentials: Optional[Credentials], *, dualstack: bool = False
-    ) -> EC2Client: ...
-
-    def autoscaling(
-        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
-    ) -> AutoScalingClient: ...
-
-    def cloudformation(
-        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
-    ) -> CloudFormationClient: ...
-
-    def cloudwatch(
-        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
-    ) -> CloudWatchClient: ...
 
 
 @dataclass

@@ -11,17 +11,15 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
+from bootstrap.clients import Clients
 from bootstrap.clock import Deadline
 from bootstrap.config import Config
 from bootstrap.errors import ReclaimError
 from bootstrap.imds import Credentials
 from bootstrap.interrupts import interruptible
 from bootstrap.state import Marks
-
-if TYPE_CHECKING:
-    from bootstrap.reclaim import Clients
 
 LOG = logging.getLogger(__name__)
 
