@@ -319,9 +319,12 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
 
     heal_seconds = deadline.elapsed()
     deps.interrupts.disarm()
-    if outcome is not Outcome.YIELDED:
-        # The watchdog (bootstrap/watchdog.py) probes the service only once this instance holds the address.
-        state.reporter.marks.mark(CLAIMED_MARK, identity.instance_id)
+    marks = state.reporter.marks
+    if outcome is not Outcome.YIELDED and not marks.done(CLAIMED_MARK, identity.instance_id):
+        # The watchdog (bootstrap/watchdog.py) probes the service only once this instance holds the address,
+        # and counts its grace from the mark's modification time: written once (the re-check timer's runs
+        # find it already there), or the grace would start again every five minutes.
+        marks.mark(CLAIMED_MARK, identity.instance_id)
     if not reported:
         # Over the Elastic IP (or the public address), until the deadline: a launch action left pending
         # times out to ABANDON, and the group would terminate the instance that holds the address.

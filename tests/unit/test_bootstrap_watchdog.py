@@ -100,6 +100,56 @@ def test_a_yielding_instance_is_not_marked(tmp_path: Path) -> None:
     assert not Marks(rig.journal.directory).done("claimed", SELF)
 
 
+def _mark_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_ino, found.st_mtime_ns
+
+
+@pytest.mark.parametrize("grace", [60, 300, 600])
+def test_re_checks_do_not_restart_the_grace_period(tmp_path: Path, grace: int) -> None:
+    """Two simulated hours: the boot run, the re-check timer every 5 min, the watchdog every 10 s, and a
+    service that never answers. The watchdog reports once, after the grace and three failed probes."""
+    rig = Rig(tmp_path)
+    directory = rig.journal.directory
+    mark = os.path.join(directory, "claimed.done")
+    start = 1_000_000.0  # the simulated clock's epoch: a written mark gets this clock's time, below
+    now = start
+    config = parse_config({**BASE, "health_check": {"port": 8080, "failures": 3, "grace_seconds": grace}})
+    probed: list[float] = []
+    reported: list[float] = []
+
+    def dead(check: HealthCheck) -> str:
+        probed.append(now)
+        return "ConnectionRefusedError: [Errno 111] Connection refused"
+
+    watch = watchdog.Watch(
+        config,
+        directory,
+        instance_id=lambda: SELF,
+        set_unhealthy=lambda me: reported.append(now),
+        probe=dead,
+        now=lambda: now,
+    )
+    # The boot run at 0 s, then the re-check timer (OnBootSec=5min, OnUnitActiveSec=5min).
+    payload_runs = [0.0] + [300.0 * n for n in range(1, 25)]
+    for tick in range(0, 2 * 3600, 5):
+        now = start + tick
+        if tick in payload_runs:
+            before = _mark_stamp(mark)
+            assert rig.main() == 0
+            if _mark_stamp(mark) != before:  # written by this run: its modification time is "now"
+                os.utime(mark, (now, now))
+        if tick % 10 == 5:  # the watchdog's timer (every 10 s), between the payload's runs
+            watch.run()
+    assert len(rig.ec2.calls) > 24  # every re-check ran (and found the address already held)
+    first = start + grace + 5  # the first watchdog tick at or past the grace
+    assert probed[:3] == [first, first + 10, first + 20]  # no probe in the grace, then every 10 s
+    assert reported == [first + 20]  # after the third failure in a row, once
+
+
 @pytest.fixture
 def http_service() -> Iterator[tuple[int, list[int]]]:
     statuses = [200]
