@@ -66,9 +66,16 @@ def test_no_lifecycle_state_in_imds_means_claim(rig: Rig) -> None:
     assert rig.ec2.address["InstanceId"] == SELF
 
 
-def _member(instance_id: str, launched: str, version: str | None) -> dict[str, Any]:
+TEMPLATE = "lt-0123456789abcdef0"
+OTHER_TEMPLATE = "lt-0fedcba9876543210"
+
+
+def _member(instance_id: str, launched: str, version: str | None, template: str = TEMPLATE) -> dict[str, Any]:
+    """A running member of the group; EC2 tags one launched from a launch template with its id and version
+    (aws-facts: payload-launch-template-tags)."""
     tags = [{"Key": "aws:autoscaling:groupName", "Value": "svc-asg"}]
     if version is not None:
+        tags.append({"Key": "aws:ec2launchtemplate:id", "Value": template})
         tags.append({"Key": "aws:ec2launchtemplate:version", "Value": version})
     return {"InstanceId": instance_id, "LaunchTime": launched, "State": {"Name": "running"}, "Tags": tags}
 
@@ -86,6 +93,10 @@ def _member(instance_id: str, launched: str, version: str | None) -> dict[str, A
         # No template tag on either (launched otherwise): start time decides, as before.
         (("2026-11-30T12:10:00Z", None), ("2026-11-30T12:05:00Z", None), True),
         (("2026-11-30T12:05:00Z", None), ("2026-11-30T12:10:00Z", None), False),
+        # Two templates (the group's template replaced by another): their version numbers count apart and
+        # are not compared; the one started last wins, whatever its number.
+        (("2026-11-30T12:10:00Z", "1", OTHER_TEMPLATE), ("2026-11-30T12:05:00Z", "7"), True),
+        (("2026-11-30T12:05:00Z", "7"), ("2026-11-30T12:10:00Z", "1", OTHER_TEMPLATE), False),
     ],
     ids=[
         "pool-start-same-version",
@@ -93,17 +104,21 @@ def _member(instance_id: str, launched: str, version: str | None) -> dict[str, A
         "newer-template",
         "untagged-later",
         "untagged-earlier",
+        "other-template-started-later",
+        "other-template-started-earlier",
     ],
 )
 def test_who_keeps_the_address_between_two_members(
-    rig: Rig, mine: tuple[str, str | None], theirs: tuple[str, str | None], i_take_it: bool
+    rig: Rig, mine: tuple[str, ...], theirs: tuple[str, ...], i_take_it: bool
 ) -> None:
+    """aws-facts: payload-launch-template-tags, payload-launch-time-at-start"""
     rig.ec2.instances = {SELF: _member(SELF, *mine), OTHER: _member(OTHER, *theirs)}
     assert rig.main() == 0
     assert rig.ec2.address["InstanceId"] == (SELF if i_take_it else OTHER)
 
 
-def test_the_rule_decides_the_same_way_on_both_members(tmp_path: Path) -> None:
+@pytest.mark.parametrize("other_template", [TEMPLATE, OTHER_TEMPLATE])
+def test_the_rule_decides_the_same_way_on_both_members(tmp_path: Path, other_template: str) -> None:
     """Run it from each side: exactly one of the two keeps the address."""
     outcomes = []
     for me, other in ((SELF, OTHER), (OTHER, SELF)):
@@ -113,7 +128,7 @@ def test_the_rule_decides_the_same_way_on_both_members(tmp_path: Path) -> None:
         rig.ec2.address["InstanceId"] = other
         rig.ec2.instances = {
             SELF: _member(SELF, "2026-11-30T12:10:00Z", "2"),
-            OTHER: _member(OTHER, "2026-11-30T12:05:00Z", "3"),
+            OTHER: _member(OTHER, "2026-11-30T12:05:00Z", "3", other_template),
         }
         assert rig.main() == 0
         outcomes.append(rig.ec2.address["InstanceId"] == me)
