@@ -4,19 +4,22 @@ verify window, equal launch times, the state directory) and its reports to Cloud
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 
-from bootstrap import resolve, state
+from bootstrap import interrupts, resolve, state
 from bootstrap.claim import AUTH_GRACE_AFTER_BOOT_SECONDS
 from bootstrap.config import parse_config
 from bootstrap.errors import Terminated
@@ -75,6 +78,67 @@ def test_a_stop_inside_a_call_that_wraps_exceptions_is_not_swallowed(
     assert rig.ec2.calls == ["DescribeAddresses"]
     assert rig.netlink.table == AL2023_TABLE
     assert rig.autoscaling.completed == []  # a stop or the deadline of a young run: no ABANDON
+
+
+def _in_a_region(frame: FrameType) -> bool:
+    """Code that makes up an interruptible region: its entry and exit in interrupts.py (not the handlers
+    or their set-up), and contextlib's entry and exit where a region is a generator-based manager."""
+    code = frame.f_code
+    if code.co_filename == interrupts.__file__:
+        return code.co_name not in ("_raise", "_on_signal", "_on_alarm", "install", "uninstall", "disarm")
+    if code.co_filename == contextlib.__file__ and code.co_name in ("__enter__", "__exit__"):
+        generator = getattr(frame.f_locals.get("self"), "gen", None)
+        return getattr(getattr(generator, "gi_code", None), "co_filename", None) == interrupts.__file__
+    return False
+
+
+def _run_with_a_stop_at(rig: Rig, target: int | None) -> tuple[int, int]:
+    """Run the payload and deliver SIGTERM (the installed handler, with the frame it lands in) at the
+    `target`-th line executed in a region's own code; (exit code, lines seen)."""
+    seen = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal seen
+        if event == "line":
+            if seen == target:
+                handler = signal.getsignal(signal.SIGTERM)
+                assert callable(handler)
+                handler(signal.SIGTERM, frame)
+            seen += 1
+        return local
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if event == "call" and _in_a_region(frame) else None
+
+    sys.settrace(calls)
+    try:
+        code = rig.main()
+    finally:
+        sys.settrace(None)
+    return code, seen
+
+
+def test_a_stop_at_any_line_of_a_region_ends_the_run_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signal between the blocking call's return and the region's exit (or on its way in) is a stop
+    like any other: exit 75 or the run completes, the routes restored, never an exception out of main."""
+    (tmp_path / "count").mkdir()
+    _, lines = _run_with_a_stop_at(Rig(tmp_path / "count"), None)
+    assert lines > 20  # IMDS, the name lookup, the API calls, CONTINUE: every region's entry and exit
+    outcomes = set()
+    for target in range(lines):
+        (tmp_path / str(target)).mkdir()
+        rig = Rig(tmp_path / str(target))
+        code, _ = _run_with_a_stop_at(rig, target)  # before the fix: Interrupt escaped main (exit 1)
+        err = capsys.readouterr().err
+        assert code in (0, 75), err
+        assert code == 0 or "signal SIGTERM received" in err, err
+        assert rig.netlink.table == AL2023_TABLE, err
+        assert not rig.journal.exists()
+        assert rig.autoscaling.completed == [] or code == 0  # a stop never abandons
+        outcomes.add(code)
+    assert 75 in outcomes
 
 
 def test_a_name_lookup_that_hangs_is_cut_short_by_a_stop() -> None:
