@@ -92,6 +92,8 @@ class _Run:
         self.verified = False  # the claim ended with the address held by this instance or a newer member
         self.through_nat = False  # the API is reached through the NAT (no public IPv4, a NAT egress)
         self.failure_reported = False
+        # Prepared for the warm pool (target lifecycle state Warmed:*): never signals the stack.
+        self.warming = False
         self.reporter = Reporter(
             config=config,
             clients=deps.clients,
@@ -148,7 +150,8 @@ class _Run:
         """ABANDON (and the FAILURE signal) only when the outcome is final; see docs/payload.md."""
         if self.failure_reported or self.verified or isinstance(err, Terminated):
             return
-        if not self.reporter.lifecycle_pending() and self.config.signal is None:
+        signal = self.config.signal is not None and not self.warming
+        if not self.reporter.lifecycle_pending() and not signal:
             return
         if self.config.dualstack and not self.identity.public_ipv4:
             # IPv6 is the only way out until the address is held, and Auto Scaling and CloudFormation
@@ -168,7 +171,7 @@ class _Run:
                 return
             LOG.warning("lifecycle: no time left in the hook's window for another attempt; abandoning")
         self.failure_reported = True
-        self.reporter.failed(where=where)
+        self.reporter.failed(where=where, signal=signal)
 
 
 def _through(run: _Run, nat: str, work: Callable[[egress.Egress], _T]) -> _T:
@@ -275,7 +278,7 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         LOG.info("autoscaling: target lifecycle state %s: not taking the address; no change", target)
         return EXIT_OK
     state = _Run(config, deps, deadline, identity)
-    warming = target is not None and target.startswith("Warmed:")
+    warming = state.warming = target is not None and target.startswith("Warmed:")
     try:
         nat = config.nat_for(identity.subnet_id) if config.egress in egress.VIA_NAT else None
         state.through_nat = nat is not None and not identity.public_ipv4

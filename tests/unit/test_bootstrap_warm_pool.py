@@ -4,6 +4,7 @@ pools and overlapping updates put two members of a group side by side.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from bootstrap.egress.policy_route import TABLE
 from tests.unit.test_bootstrap_fakes import AL2023_TABLE, OTHER, SELF, Rig
 
 SIGNAL = {"stack": "EipReclaim-web", "resource": "GroupASG0123ABCD"}
+HOOK_660 = {"auto_scaling_group": "svc-asg", "hook": "svc-launch", "timeout_seconds": 660}
 
 
 @pytest.fixture
@@ -42,6 +44,35 @@ def test_warming_for_the_pool_completes_the_action_through_the_detour_and_claims
     assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["CONTINUE"]
     assert rig.cloudformation.calls == []  # the stack waits for the instance that takes the address
     assert rig.netlink.table == AL2023_TABLE
+
+
+@pytest.mark.parametrize(
+    ("overrides", "exit_code"),
+    [
+        ({"nat_by_subnet": {"subnet-0bbb": "10.0.1.4"}}, 2),  # no NAT for its subnet: final at once
+        ({"lifecycle_hook": HOOK_660}, 75),  # a route change refused, the hook's window spent
+    ],
+    ids=["config-error", "transient-window-spent"],
+)
+def test_a_warming_instance_that_fails_never_signals_the_stack(
+    rig: Rig, overrides: dict[str, Any], exit_code: int
+) -> None:
+    """A pool refill happens during stack updates too: a FAILURE signal from a pool instance would fail
+    the update (aws-facts: payload-signal-resource-failure, payload-warm-pool-signal)."""
+    rig.imds.target_state = "Warmed:Pending:Wait"
+    rig.netlink.fail_on = {"add": errno.EPERM}
+    assert rig.main(config=rig.config(signal=SIGNAL, **overrides)) == exit_code
+    assert rig.cloudformation.calls == []  # before the fix: a FAILURE signal
+    # The launch action into the pool is still abandoned: the group replaces the pool instance.
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["ABANDON"]
+    assert rig.netlink.table == AL2023_TABLE
+
+
+def test_a_warming_instance_never_signals_success(rig: Rig) -> None:
+    rig.imds.target_state = "Warmed:Running"
+    assert rig.main(config=rig.config(signal=SIGNAL)) == 0
+    assert rig.cloudformation.calls == []
+    assert [c["LifecycleActionResult"] for c in rig.autoscaling.completed] == ["CONTINUE"]
 
 
 def test_leaving_the_pool_claims_and_completes_the_second_launch_action(rig: Rig) -> None:
