@@ -90,6 +90,8 @@ class _Run:
         self.identity = identity
         self.creds: Optional[Credentials] = None
         self.verified = False  # the claim ended with the address held by this instance or a newer member
+        # Seconds from the run's start to the verify (DescribeAddresses naming the holder): HealSeconds.
+        self.verified_after = 0.0
         self.through_nat = False  # the API is reached through the NAT (no public IPv4, a NAT egress)
         self.failure_reported = False
         # Prepared for the warm pool (target lifecycle state Warmed:*): never signals the stack.
@@ -141,6 +143,7 @@ class _Run:
             way.adopt(ec2)
             retrier = Retrier(self.deadline, way.before_call, self.deps.rng, uptime=self.deps.clock.uptime)
             outcome = claim(ec2, self.identity.instance_id, self.config.allocation_id, retrier)
+            self.verified_after = self.deadline.elapsed()
         finally:
             _close_connections(ec2)
         self.verified = True
@@ -320,7 +323,6 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         raise
     from bootstrap.claim import Outcome  # noqa: PLC0415 (botocore is loaded by now)
 
-    heal_seconds = deadline.elapsed()
     deps.interrupts.disarm()
     marks = state.reporter.marks
     if outcome is not Outcome.YIELDED and not marks.done(CLAIMED_MARK, identity.instance_id):
@@ -334,7 +336,8 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         reported = state.reporter.succeeded(until_deadline=True, where="over the Elastic IP")
     if outcome is Outcome.ASSOCIATED:
         state.reporter.metrics(
-            {"Healed": (1.0, "Count"), "HealSeconds": (heal_seconds, "Seconds")}, where="over the Elastic IP"
+            {"Healed": (1.0, "Count"), "HealSeconds": (state.verified_after, "Seconds")},
+            where="over the Elastic IP",
         )
     if not reported:
         raise TransientError(

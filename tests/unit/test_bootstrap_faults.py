@@ -418,7 +418,7 @@ def test_a_failed_journal_delete_after_success_costs_nothing(
     assert "journal: cannot remove" in capsys.readouterr().err
 
 
-# Issue 9's payload side: the stack's signal and the CloudWatch metrics.
+# The stack's signal and the CloudWatch metrics.
 
 
 def test_success_signals_the_stack_and_publishes_the_heal(rig: Rig) -> None:
@@ -435,6 +435,34 @@ def test_success_signals_the_stack_and_publishes_the_heal(rig: Rig) -> None:
     assert rig.cloudwatch.calls[0]["Namespace"] == "EipReclaim"
     assert [d["MetricName"] for d in data] == ["Healed", "HealSeconds"]
     assert all(d["Dimensions"] == [{"Name": "Service", "Value": "web"}] for d in data)
+
+
+def test_heal_seconds_end_at_the_verify(rig: Rig) -> None:
+    """HealSeconds is payload start -> the association verified, not counting CONTINUE, the signal and
+    the restore that follow it."""
+
+    def api_second(op: str) -> None:
+        rig.clock.now += 1.0  # each EC2 call takes a second: the verify's DescribeAddresses ends at 4 s
+
+    def slow_report(result: str) -> None:
+        rig.clock.now += 10.0
+
+    def slow_restore(command: str, route: Any) -> None:
+        if "AssociateAddress" in rig.ec2.calls:
+            rig.clock.now += 0.5  # each route change of the restore
+
+    rig.ec2.before_call = api_second
+    rig.autoscaling.before_call = slow_report
+    rig.netlink.on_change = slow_restore
+    assert rig.main(config=rig.config(signal=SIGNAL, metrics=METRICS)) == 0
+    assert rig.ec2.calls == [
+        "DescribeAddresses",
+        "DescribeInstances",
+        "AssociateAddress",
+        "DescribeAddresses",
+    ]
+    published = {d["MetricName"]: d["Value"] for d in rig.cloudwatch.calls[0]["MetricData"]}
+    assert published["HealSeconds"] == 4.0  # before the fix: 4 s + CONTINUE's 10 s + the restore's
 
 
 def test_a_stack_that_cannot_be_signaled_is_done(rig: Rig) -> None:
