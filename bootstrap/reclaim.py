@@ -20,8 +20,8 @@ from bootstrap.errors import EXIT_OK, EXIT_TEMPFAIL, ReclaimError, Terminated, T
 from bootstrap.imds import Credentials, Identity, Imds, ImdsError
 from bootstrap.interrupts import INTERRUPTS, Interrupts
 from bootstrap.netlink import Netlink, PyRoute2Netlink
-from bootstrap.report import Reporter
-from bootstrap.state import Journal, Marks, remove_stray_temporaries
+from bootstrap.report import LIFECYCLE_MARK, SIGNAL_MARK, Reporter
+from bootstrap.state import JOURNAL_NAME, Journal, Marks, remove_stray_temporaries
 
 if TYPE_CHECKING:
     from bootstrap.claim import Outcome
@@ -257,7 +257,8 @@ def _close_connections(client: object) -> None:
 def run(config: Config, deps: Deps, deadline: Deadline) -> int:
     """The whole run after the lock is held. Raises ReclaimError (with its exit code) on failure."""
     _skip_warning(deps.skip_pins)
-    for name in remove_stray_temporaries(deps.journal.directory):
+    own = (JOURNAL_NAME, *(Marks.file_name(m) for m in (CLAIMED_MARK, LIFECYCLE_MARK, SIGNAL_MARK)))
+    for name in remove_stray_temporaries(deps.journal.directory, own):
         LOG.info("state: removed %s, left by an interrupted write", name)
     if deps.journal.exists():
         egress.check_journal(deps.journal)

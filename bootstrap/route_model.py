@@ -12,8 +12,22 @@ MAIN_TABLE = 254
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE = 0
 RTPROT_STATIC = 4
+# The protocol of the routes this payload adds to its private table (`ip route show proto 225`): only
+# routes with it are the payload's to delete. The kernel does not interpret values above RTPROT_STATIC;
+# 225 (0xe1, "e1" as the table and mark 0xe1b0) is named by none of the kernel's rtnetlink.h (up to 192,
+# eigrp), iproute2's rt_protos (up to 192), FRR's rt_protos.d (186-198), and is not among what
+# systemd-networkd and NetworkManager write (kernel, boot, static, ra, dhcp).
+RTPROT_EIP_RECLAIM = 0xE1
 # rtnetlink protocol numbers as `ip route` names them (rt_protos), for log lines.
-PROTOCOL_NAMES = {2: "kernel", 3: "boot", 4: "static", 16: "dhcp", 18: "keepalived", 186: "bgp"}
+PROTOCOL_NAMES = {
+    2: "kernel",
+    3: "boot",
+    4: "static",
+    16: "dhcp",
+    18: "keepalived",
+    186: "bgp",
+    RTPROT_EIP_RECLAIM: "eip-reclaim",
+}
 # Routing rules: the action "lookup TABLE", and the `not` flag.
 FR_ACT_TO_TBL = 1
 FIB_RULE_INVERT = 2

@@ -384,10 +384,36 @@ def test_a_short_write_is_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_stray_temporary_files_are_removed(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     directory = Path(rig.journal.directory)
     directory.mkdir(parents=True)
-    (directory / "routes.json.4242.tmp").write_text("{")
+    ours = ["routes.json.4242.tmp", "claimed.done.4243.tmp", "lifecycle.done.17.tmp", "signal.done.9.tmp"]
+    for name in ours:
+        (directory / name).write_text("{")
     assert rig.main() == 0
-    assert not (directory / "routes.json.4242.tmp").exists()
-    assert "removed routes.json.4242.tmp" in capsys.readouterr().err
+    assert not any((directory / name).exists() for name in ours)
+    err = capsys.readouterr().err
+    assert all(f"removed {name}" in err for name in ours)
+
+
+def test_only_the_payloads_own_temporary_files_are_removed(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The watchdog writes its count and its mark through temporary files in the same directory, without
+    the lock: one that is being written while the payload runs is not the payload's to remove."""
+    from bootstrap import watchdog
+
+    directory = Path(rig.journal.directory)
+    directory.mkdir(parents=True)
+    others = [
+        f"{watchdog.FAILURES_FILE}.4244.tmp",
+        f"{watchdog.REPORTED_MARK}.done.4245.tmp",
+        "notes.tmp",
+        "routes.json.tmp",  # not a name the payload writes (no process id)
+        "routes.json.42x.tmp",
+    ]
+    for name in others:
+        (directory / name).write_text("2")
+    assert rig.main() == 0
+    assert all((directory / name).exists() for name in others)  # before the fix: every *.tmp removed
+    assert "state: removed" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["ENOSPC", "EROFS"])
