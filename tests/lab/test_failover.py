@@ -56,7 +56,8 @@ def heal(lab: vpc.Lab, instance: vpc.Instance) -> vpc.PayloadRun:
 
 
 def tag_version(lab: vpc.Lab, instance: vpc.Instance, version: int) -> None:
-    """EC2's reserved tags: the launch template and its version the instance was launched from."""
+    """EC2's reserved tags: the launch template and its version the instance was launched from
+    (aws-facts: payload-launch-template-tags)."""
     tags = [
         {"Key": TEMPLATE_ID_TAG, "Value": TEMPLATE_ID},
         {"Key": TEMPLATE_VERSION_TAG, "Value": str(version)},

@@ -257,6 +257,7 @@ def test_a_transient_failure_abandons_only_when_no_restart_fits(
 
 
 def test_a_permanent_error_abandons_at_once_with_the_failure_signal_and_metric(rig: Rig) -> None:
+    # aws-facts: payload-signal-resource-failure
     rig.ec2.errors["DescribeAddresses"] = [client_error("InvalidAllocationID.NotFound")]
     assert rig.main(config=rig.config(signal=SIGNAL, metrics=METRICS)) == 3
     assert _results(rig) == ["ABANDON"]
@@ -465,7 +466,7 @@ def test_success_signals_the_stack_and_publishes_the_heal(rig: Rig) -> None:
 
 def test_heal_seconds_end_at_the_verify(rig: Rig) -> None:
     """HealSeconds is payload start -> the association verified, not counting CONTINUE, the signal and
-    the restore that follow it."""
+    the restore that follow it (aws-facts: payload-describe-addresses-verify)."""
 
     def api_second(op: str) -> None:
         rig.clock.now += 1.0  # each EC2 call takes a second: the verify's DescribeAddresses ends at 4 s

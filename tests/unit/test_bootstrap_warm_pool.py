@@ -27,6 +27,7 @@ def rig(tmp_path: Path) -> Rig:
 def test_warming_for_the_pool_completes_the_action_through_the_detour_and_claims_nothing(
     rig: Rig, egress: str
 ) -> None:
+    """aws-facts: payload-target-lifecycle-state"""
     rig.imds.target_state = "Warmed:Stopped"
     gateways: list[Any] = []
 
@@ -58,7 +59,8 @@ def test_a_warming_instance_that_fails_never_signals_the_stack(
     rig: Rig, overrides: dict[str, Any], exit_code: int
 ) -> None:
     """A pool refill happens during stack updates too: a FAILURE signal from a pool instance would fail
-    the update (aws-facts: payload-signal-resource-failure, payload-warm-pool-signal)."""
+    the update (aws-facts: payload-warm-pool-refill; aws-facts: payload-signal-resource-failure;
+    aws-facts: payload-warm-pool-signal; aws-facts: payload-target-lifecycle-state)."""
     rig.imds.target_state = "Warmed:Pending:Wait"
     rig.netlink.fail_on = {"add": errno.EPERM}
     assert rig.main(config=rig.config(signal=SIGNAL, **overrides)) == exit_code
@@ -69,6 +71,7 @@ def test_a_warming_instance_that_fails_never_signals_the_stack(
 
 
 def test_a_warming_instance_never_signals_success(rig: Rig) -> None:
+    """aws-facts: payload-warm-pool-signal"""
     rig.imds.target_state = "Warmed:Running"
     assert rig.main(config=rig.config(signal=SIGNAL)) == 0
     assert rig.cloudformation.calls == []
@@ -142,7 +145,8 @@ def _member(instance_id: str, launched: str, version: str | None, template: str 
 def test_who_keeps_the_address_between_two_members(
     rig: Rig, mine: tuple[str, ...], theirs: tuple[str, ...], i_take_it: bool
 ) -> None:
-    """aws-facts: payload-launch-template-tags, payload-launch-time-at-start"""
+    """aws-facts: payload-launch-template-tags; aws-facts: payload-launch-template-version-numbers;
+    aws-facts: payload-launch-time-at-start"""
     rig.ec2.instances = {SELF: _member(SELF, *mine), OTHER: _member(OTHER, *theirs)}
     assert rig.main() == 0
     assert rig.ec2.address["InstanceId"] == (SELF if i_take_it else OTHER)
@@ -150,7 +154,10 @@ def test_who_keeps_the_address_between_two_members(
 
 @pytest.mark.parametrize("other_template", [TEMPLATE, OTHER_TEMPLATE])
 def test_the_rule_decides_the_same_way_on_both_members(tmp_path: Path, other_template: str) -> None:
-    """Run it from each side: exactly one of the two keeps the address."""
+    """Run it from each side: exactly one of the two keeps the address.
+
+    aws-facts: payload-launch-template-tags
+    """
     outcomes = []
     for me, other in ((SELF, OTHER), (OTHER, SELF)):
         (tmp_path / me).mkdir()
