@@ -3,12 +3,13 @@
 What it changes on the host: one rule, `fwmark 0xe1b0 lookup 57776` at priority 100, and one route in
 that private table, `default via <NAT> dev <primary> proto 225 src <primary address>`. The protocol
 (route_model.RTPROT_EIP_RECLAIM) is what makes a route of that table the payload's: it removes only
-those, and leaves any other route in the table (an operator's, another tool's) alone. The main table is never
-written, so nothing else on the host is detoured, IMDS, DNS and time never leave the VPC path (no pins),
-and a DHCP client rewriting the main table cannot undo the detour. The payload marks the sockets of its
-API clients (SO_MARK; the payload holds CAP_NET_ADMIN). Priority 100 is ahead of any source rule
-(amazon-ec2-net-utils installs its per-interface rules from 10000, operators' own usually sit higher
-still), so a source rule cannot take the marked connection elsewhere; the kernel is asked anyway.
+those, and leaves any other route in the table (an operator's, another tool's) alone. The main table
+is never written, so nothing else on the host is detoured, IMDS, DNS and time never leave the VPC path
+(no pins), and a DHCP client rewriting the main table cannot undo the detour. The payload marks the
+sockets of its API clients (SO_MARK; the payload holds CAP_NET_ADMIN). Priority 100 is ahead of any
+source rule (amazon-ec2-net-utils installs its per-interface rules from 10000, operators' own usually
+sit higher still), so a source rule cannot take the marked connection elsewhere; the kernel is asked
+anyway.
 
 Both are journaled before they exist. After a SIGKILL they stay, but match nothing (no socket carries
 the mark once the payload is gone), and the next run removes them.
