@@ -79,9 +79,13 @@ def _is_ours(rule: Rule, journaled: Rule) -> bool:
     return (rule.priority, rule.table, rule.fwmark) == (journaled.priority, journaled.table, journaled.fwmark)
 
 
+def _ours(route: Route, state: PolicyJournal) -> bool:
+    """A route of the private table that this payload added: its protocol, or exactly as journaled."""
+    return route.proto == RTPROT_EIP_RECLAIM or route == state.route
+
+
 def _our_routes(netlink: Netlink, state: PolicyJournal) -> list[Route]:
-    """The routes of the private table that this payload added: its protocol, or exactly as journaled."""
-    return [r for r in netlink.routes(state.rule.table) if r.proto == RTPROT_EIP_RECLAIM or r == state.route]
+    return [r for r in netlink.routes(state.rule.table) if _ours(r, state)]
 
 
 def _remove(netlink: Netlink, state: PolicyJournal) -> list[str]:
@@ -102,8 +106,7 @@ def _in_our_place(netlink: Netlink, state: PolicyJournal) -> Optional[Route]:
         (
             r
             for r in netlink.routes(state.rule.table)
-            if (r.dst, r.priority) == (state.route.dst, state.route.priority)
-            and r not in _our_routes(netlink, state)
+            if (r.dst, r.priority) == (state.route.dst, state.route.priority) and not _ours(r, state)
         ),
         None,
     )
