@@ -39,6 +39,13 @@ def acknowledge(network: NetworkStack, services: Sequence[HealingServiceStack]) 
         )
         _ack(
             nat.role,
+            f"AwsSolutions::AwsSolutions-IAM5[Resource::{_ARN_PREFIX}:ec2:<AWS::Region>:<AWS::AccountId>:"
+            "network-interface/*]",
+            "The primary interface's source/dest check: its id is known only at boot; limited by the "
+            "ec2:Subnet condition to interfaces of this NAT's subnet.",
+        )
+        _ack(
+            nat.role,
             "AwsSolutions::AwsSolutions-IAM5[Resource::"
             f"{_ARN_PREFIX}:autoscaling:<AWS::Region>:<AWS::AccountId>:autoScalingGroup:*:"
             f"autoScalingGroupName/{nat.group_name}]",
