@@ -10,6 +10,7 @@ cloud-init's final stage would; from then on only systemd starts the payload.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
@@ -235,14 +236,28 @@ class Boot:
     pid1: int = 0
 
 
-class Machine:
-    """A lab instance as a container: its disk (`root`) and, while it runs, its systemd."""
+@dataclass(frozen=True)
+class Disk:
+    """What a container's disk is made from."""
 
-    def __init__(self, instance: vpc.Instance, image: Image, root: Path) -> None:
-        self.instance = instance
-        self.image = image
+    user_data: str  # run once at first boot, as root
+    usr_layer: Path  # laid over the machine's /usr
+    binds: tuple[str, ...]  # host directories bound read-only at the same path
+    instance_id: str  # its machine id derives from it
+    hostname: str
+    cloud_final_env: tuple[str, ...] = (f"AWS_ENDPOINT_URL_S3={S3_URL}",)
+
+
+class Machine:
+    """An instance as a container in namespace `ns`: its disk (`root`) and, while it runs, its systemd."""
+
+    def __init__(self, ns: netns.Netns, disk: Disk, root: Path, log_dir: Path) -> None:
+        self.ns = ns
+        self.disk = disk
         self.root = root
+        self.log_dir = log_dir
         self.name = f"eipr{os.getpid()}-{next(_names)}"
+        self.console = log_dir / f"{self.name}-console.log"
         self.boots: list[Boot] = []
         self._make_root()
 
@@ -259,6 +274,8 @@ class Machine:
             "usr",
         ):
             (root / name).mkdir(parents=True, exist_ok=True)
+        # /usr's writable layer (the instance's own /usr/local, its installed files): part of its disk.
+        (root.parent / f"{root.name}.usr").mkdir()
         for link, target in (
             ("bin", "usr/bin"),
             ("sbin", "usr/sbin"),
@@ -268,9 +285,11 @@ class Machine:
             (root / link).symlink_to(target)
         # nspawn looks for it before /usr is mounted: a copy, not the usual link into /usr.
         shutil.copyfile("/usr/lib/os-release", root / "etc/os-release")
+        # Debian's alternatives (iptables-restore among them) are links through /etc.
+        shutil.copytree("/etc/alternatives", root / "etc/alternatives", symlinks=True)
         # The instance's identity: a machine id of its own (cloud-init's per-instance data keys on it).
-        (root / "etc/machine-id").write_text(self.instance.instance_id[2:].ljust(32, "0")[:32] + "\n")
-        (root / "etc/hostname").write_text(f"ip-{self.instance.private_ip.replace('.', '-')}\n")
+        (root / "etc/machine-id").write_text(self.disk.instance_id[2:].ljust(32, "0")[:32] + "\n")
+        (root / "etc/hostname").write_text(f"{self.disk.hostname}\n")
         (root / "etc/passwd").write_text(
             "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n"
         )
@@ -279,14 +298,15 @@ class Machine:
         (root / "etc/nsswitch.conf").write_text(
             "passwd: files systemd\ngroup: files systemd\nshadow: files\nhosts: files dns\n"
         )
+        environment = "".join(f"Environment={e}\n" for e in self.disk.cloud_final_env)
         unit = root / "etc/systemd/system" / CLOUD_FINAL
-        unit.write_text(CLOUD_FINAL_UNIT)
+        unit.write_text(CLOUD_FINAL_UNIT.replace(f"Environment=AWS_ENDPOINT_URL_S3={S3_URL}\n", environment))
         (root / "etc/systemd/system/multi-user.target.wants" / CLOUD_FINAL).symlink_to(f"../{CLOUD_FINAL}")
         runner = root / RUN_USER_DATA.lstrip("/")
         runner.write_text(RUN_USER_DATA_SCRIPT)
         runner.chmod(0o755)
         script = root / USER_DATA.lstrip("/")
-        script.write_text(self.image.user_data_for(self.instance.config()))
+        script.write_text(self.disk.user_data)
         script.chmod(0o700)
 
     # -- power -------------------------------------------------------------------------------------
@@ -294,25 +314,31 @@ class Machine:
         """Power on; returns once the container's systemd answers (its boot may still be going on)."""
         if self.running:
             raise RuntimeError(f"lab: {self.name} is already running")
-        binds = [f"--bind-ro={path}" for path in self.image.binds]
+        binds = [f"--bind-ro={path}" for path in self.disk.binds]
         argv = [
             "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--private-users=no",
             f"--machine={self.name}", "-D", str(self.root), "--link-journal=no",
-            f"--overlay-ro=/usr:{self.image.usr_layer}:/usr", *binds,
-            f"--network-namespace-path=/run/netns/{self.instance.ns.name}",
+            f"--overlay=/usr:{self.disk.usr_layer}:{self.root.parent / f'{self.root.name}.usr'}:/usr", *binds,
+            f"--network-namespace-path=/run/netns/{self.ns.name}",
             # As a host whose PID 1 is systemd has it: without it no unit can be given CAP_NET_ADMIN.
             "--capability=CAP_NET_ADMIN",
             "--boot",
         ]  # fmt: skip
-        log = (self.instance.lab.dir / f"{self.name}-console.log").open("ab")
+        log = self.console.open("ab")
+        # The namespace's own network sysctls writable, as a host's are (the NAT's boot writes them).
+        env = {**os.environ, "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
         started = time.monotonic()
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
         )
         log.close()
         boot = Boot(started, proc)
         self.boots.append(boot)
-        self.instance.lab.event("container-boot", instance=self.instance.instance_id, machine=self.name)
         vpc.wait_for(lambda: self._find_pid1(boot), f"{self.name}'s systemd", timeout=30)
         vpc.wait_for(
             lambda: (
@@ -325,12 +351,12 @@ class Machine:
 
     def _find_pid1(self, boot: Boot) -> bool:
         if boot.proc.poll() is not None:
-            console = (self.instance.lab.dir / f"{self.name}-console.log").read_text(errors="replace")
+            console = self.console.read_text(errors="replace")
             tail = " | ".join(console.strip().splitlines()[-3:])
             raise RuntimeError(
                 f"lab: systemd-nspawn for {self.name} exited with {boot.proc.returncode}: {tail}"
             )
-        for pid in netns.sh("ip", "netns", "pids", self.instance.ns.name, check=False).split():
+        for pid in netns.sh("ip", "netns", "pids", self.ns.name, check=False).split():
             with suppress(OSError):
                 status = Path(f"/proc/{pid}/status").read_text()
                 nspid = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()
@@ -360,7 +386,6 @@ class Machine:
         boot = self.boots[-1]
         self.run("systemctl", "poweroff", "--no-block", check=False)
         boot.proc.wait(timeout)
-        self.instance.lab.event("container-poweroff", instance=self.instance.instance_id, machine=self.name)
 
     def kill(self) -> None:
         """Pull the plug (teardown): nspawn and everything in the container die."""
@@ -419,7 +444,8 @@ class Machine:
             state = self.show(unit, *props)
             started = int(state.get("ExecMainStartTimestampMonotonic") or 0) / 1e6
             exited = int(state.get("ExecMainExitTimestampMonotonic") or 0) / 1e6
-            return started > after and exited >= started and state["ActiveState"] in ("inactive", "failed")
+            # A oneshot unit with RemainAfterExit= stays active once its process exited.
+            return started > after and exited >= started and state["ActiveState"] != "activating"
 
         vpc.wait_for(done, f"{unit} on {self.name}", timeout=timeout)
         return self.show(unit, *props)
@@ -432,16 +458,23 @@ def monotonic(entry: dict[str, Any]) -> float:
 
 @contextmanager
 def booting(lab: vpc.Lab, image: Image) -> Iterator[Any]:
-    """A maker of machines in `lab`; however the block ends, every container is killed and its disk
-    removed (the lab's reset then deletes the namespaces)."""
+    """A maker of instances that boot in `lab` (an instance and its machine). However the block ends,
+    every container is killed and its disk removed (the lab's reset then deletes the namespaces)."""
     machines: list[Machine] = []
     disks = Path(tempfile.mkdtemp(prefix="eip-reclaim-disks-"))
 
-    def make(az_index: int, **kwargs: Any) -> Machine:
+    def make(az_index: int, **kwargs: Any) -> tuple[vpc.Instance, Machine]:
         instance = lab.boot(az_index, **kwargs)
-        machine = Machine(instance, image, disks / instance.instance_id)
+        disk = Disk(
+            user_data=image.user_data_for(instance.config()),
+            usr_layer=image.usr_layer,
+            binds=image.binds,
+            instance_id=instance.instance_id,
+            hostname=f"ip-{instance.private_ip.replace('.', '-')}",
+        )
+        machine = Machine(instance.ns, disk, disks / instance.instance_id, lab.dir)
         machines.append(machine)
-        return machine
+        return instance, machine
 
     try:
         yield make
@@ -451,6 +484,16 @@ def booting(lab: vpc.Lab, image: Image) -> Iterator[Any]:
         shutil.rmtree(disks, ignore_errors=True)
 
 
-def synth(outdir: Path) -> str:
-    """Synthesize the default app into `outdir` (the lab's own synth, kept for its templates and asset)."""
-    return spec.synthesize(outdir)
+_shared: dict[str, tuple[Path, Image]] = {}
+
+
+def shared_image() -> tuple[Path, Image]:
+    """One synth of the default app (its templates and assets) and the image made from it, for every
+    boot test of this process; removed when the process exits."""
+    if "image" not in _shared:
+        work = Path(tempfile.mkdtemp(prefix="eip-reclaim-boot-"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
+        synth_dir = work / "cdk.out"
+        spec.synthesize(synth_dir)
+        _shared["image"] = (synth_dir, make_image(synth_dir, work))
+    return _shared["image"]

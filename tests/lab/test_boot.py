@@ -8,10 +8,8 @@ reboot heals from the installed units alone. Each scenario states what it starts
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,10 +27,20 @@ CAP_NET_ADMIN = 12
 class Booted:
     """The carried instance and what the scenarios need around it."""
 
-    def __init__(self, lab: vpc.Lab, machine: boot.Machine, before: dict[str, str], first: boot.Boot) -> None:
+    def __init__(
+        self,
+        *,
+        lab: vpc.Lab,
+        image: boot.Image,
+        instance: vpc.Instance,
+        machine: boot.Machine,
+        before: dict[str, str],
+        first: boot.Boot,
+    ) -> None:
         self.lab = lab
+        self.image = image
         self.machine = machine
-        self.instance = machine.instance
+        self.instance = instance
         self.before = before  # its host state before anything ran
         self.first = first
 
@@ -61,21 +69,18 @@ class Booted:
 def booted(built_lab: vpc.Lab) -> Iterator[Booted]:
     lab = built_lab
     lab.reset()
-    with tempfile.TemporaryDirectory(prefix="eip-reclaim-boot-") as work:
-        synth_dir = Path(work) / "cdk.out"
-        boot.synth(synth_dir)
-        image = boot.make_image(synth_dir, Path(work))
-        s3 = boot.S3(lab, image)
-        try:
-            with boot.booting(lab, image) as make:
-                machine = make(0)
-                before = machine.instance.host_state()
-                first = machine.boot()
-                yield Booted(lab, machine, before, first)
-        finally:
-            s3.close()
-            # The containers are dead; the namespaces go now, not at the next scenario's reset.
-            lab.reset()
+    _synth_dir, image = boot.shared_image()
+    s3 = boot.S3(lab, image)
+    try:
+        with boot.booting(lab, image) as make:
+            instance, machine = make(0)
+            before = instance.host_state()
+            first = machine.boot()
+            yield Booted(lab=lab, image=image, instance=instance, machine=machine, before=before, first=first)
+    finally:
+        s3.close()
+        # The containers are dead; the namespaces go now, not at the next scenario's reset.
+        lab.reset()
 
 
 def test_first_boot_runs_the_user_data_and_heals(booted: Booted) -> None:
@@ -88,7 +93,7 @@ def test_first_boot_runs_the_user_data_and_heals(booted: Booted) -> None:
     said = [e["MESSAGE"] for e in machine.journal("SYSLOG_IDENTIFIER=eip-reclaim-user-data")]
     assert user_data == {"Result": "success", "ExecMainStatus": "0"}, said
     assert [m for m in said if m.startswith(("fetching", "installed", "wrote", "started"))] == [
-        f"fetching s3://{machine.image.bucket}/{machine.image.key}",
+        f"fetching s3://{booted.image.bucket}/{booted.image.key}",
         "installed /opt/eip-reclaim",
         "wrote /etc/eip-reclaim/config.json",
         f"started {boot.BOOT_SERVICE}",
