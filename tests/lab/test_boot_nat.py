@@ -76,7 +76,9 @@ def nat() -> Iterator[Nat]:
 def test_first_boot_takes_over_the_stable_interface(nat: Nat) -> None:
     """The user data installs the scripts and the unit and starts it; the unit turns forwarding and the
     filter on, the primary interface's source/dest check off, attaches the stable interface at index 1,
-    and reports CONTINUE and SUCCESS once its address is up."""
+    and reports CONTINUE and SUCCESS once its address is up.
+
+    aws-facts: nat-imds-primary-interface-id, stand-in-awscli-moto."""
     state = nat.unit(nat.first.started)
     said = [e["MESSAGE"] for e in nat.machine.journal(f"_SYSTEMD_UNIT={NAT_UNIT}")]
     assert (state["Result"], state["ExecMainStatus"], state["ActiveState"]) == ("success", "0", "active"), (
@@ -99,7 +101,11 @@ def test_first_boot_takes_over_the_stable_interface(nat: Nat) -> None:
 def test_a_reboot_with_the_interface_attached_keeps_the_nat_forwarding(nat: Nat) -> None:
     """From: the first boot done. Powered off (the kernel's forwarding and filter reset as at any
     boot) and booted again with its disk and the interface still attached: the unit succeeds again
-    without touching the attachment, forwarding and the filter are back, nothing reports it unhealthy."""
+    without touching the attachment, forwarding and the filter are back, nothing reports it unhealthy.
+
+    aws-facts: nat-multiple-interfaces-refused, nat-source-dest-check-by-interface (the instance-wide
+    source/dest check call, refused with two interfaces attached, failed this boot before the script
+    set it by the primary interface's id)."""
     nat.machine.poweroff()
     nat.world.reboot_kernel_state()
     calls_before = len(nat.world.ec2_calls())
