@@ -397,6 +397,8 @@ class Machine:
                     with suppress(ProcessLookupError):
                         os.kill(boot.pid1, signal.SIGKILL)
                 boot.proc.wait(10)
+        # nspawn leaves its mount propagation directory behind where /run is not a tmpfs (as here).
+        shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.name}", ignore_errors=True)
 
     # -- inside ------------------------------------------------------------------------------------
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
