@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from aws_cdk import App, Tags, Validations
 from cdk_nag import AwsSolutionsChecks
 
-from stacks import nag
-from stacks.bundle import BundleInfo, build_bundle
-from stacks.config import EGRESS_INTERFACE_ENDPOINTS, EGRESS_IPV6, EGRESS_NAT_INSTANCES, AppConfig
-from stacks.healing_service import HealingServiceStack
-from stacks.network import NetworkStack
+from . import nag
+from .bundle import BundleInfo, build_bundle
+from .config import EGRESS_INTERFACE_ENDPOINTS, EGRESS_IPV6, EGRESS_NAT_INSTANCES, AppConfig
+from .healing_service import HealingServiceStack
+from .network import NetworkStack
 
 NETWORK_DESCRIPTIONS = {
     EGRESS_NAT_INSTANCES: (

@@ -10,13 +10,13 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from stacks.bundle import BundleInfo
-from stacks.config import ServiceConfig
-from stacks.launch_hook import hold_launches
-from stacks.monitoring import METRICS_NAMESPACE, ServiceAlarms
-from stacks.network import Network
-from stacks.payload_config import DEADLINE_SECONDS, payload_config
-from stacks.user_data import payload_user_data
+from .bundle import BundleInfo
+from .config import ServiceConfig
+from .launch_hook import hold_launches
+from .monitoring import METRICS_NAMESPACE, ServiceAlarms
+from .network import Network
+from .payload_config import DEADLINE_SECONDS, payload_config
+from .user_data import payload_user_data
 
 # The tag that names a service on its instances (for people and cost reports; IAM relies on the
 # reserved aws:autoscaling:groupName instead, which no one can set by hand).

@@ -9,8 +9,8 @@ from aws_cdk import Acknowledgment, Validations
 from constructs import IConstruct
 
 if TYPE_CHECKING:
-    from stacks.healing_service import HealingServiceStack
-    from stacks.network import NetworkStack
+    from .healing_service import HealingServiceStack
+    from .network import NetworkStack
 
 # The one AWS managed policy the app attaches, as cdk-nag names it in a finding.
 SSM_CORE = "Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore"

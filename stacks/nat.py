@@ -22,7 +22,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from stacks.launch_hook import hold_launches
+from .launch_hook import hold_launches
 
 # AWS reserves the first four addresses of every subnet (network, router, DNS, future use): the fifth
 # is the first an interface can hold, and it depends only on the subnet's CIDR, so the maps in user data

@@ -11,10 +11,10 @@ from aws_cdk import aws_events as events
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from stacks.config import EGRESS_IPV6, NetworkConfig
-from stacks.endpoints import ApiEndpoints
-from stacks.monitoring import Alerts, launch_failure_rule
-from stacks.nat import NatInstance, StableNatProvider
+from .config import EGRESS_IPV6, NetworkConfig
+from .endpoints import ApiEndpoints
+from .monitoring import Alerts, launch_failure_rule
+from .nat import NatInstance, StableNatProvider
 
 # CloudWatch Logs' retention periods by their length in days (the config speaks days).
 FLOW_LOG_RETENTION = {
