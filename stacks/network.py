@@ -9,6 +9,7 @@ from aws_cdk import CfnResource, Fn, ReferenceStrength, RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_events as events
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from .config import EGRESS_IPV6, NetworkConfig
@@ -221,6 +222,19 @@ class Network(Construct):
         if not by_az:
             return []
         return [(subnet, by_az[subnet.availability_zone]) for subnet in self.public_subnets]
+
+    # What a healing service reads of its network (stacks.service_network.ServiceNetwork).
+    @property
+    def payload_egress(self) -> str:
+        return self.config.payload_egress
+
+    @property
+    def payload_dualstack(self) -> bool:
+        return self.config.payload_dualstack
+
+    @property
+    def alert_topic(self) -> sns.ITopic:
+        return self.alerts.topic
 
 
 class NetworkStack(Stack):
