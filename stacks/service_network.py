@@ -111,7 +111,7 @@ class Egress:
                 if subnet.availability_zone not in by_az:
                     raise ConfigError(
                         "egress.stable_nat",
-                        f"no NAT instance in {subnet.availability_zone}, the AZ of subnet {subnet.node.path}",
+                        f"no NAT instance in the availability zone of subnet {subnet.node.path}",
                     )
                 pairs.append((subnet, by_az[subnet.availability_zone]))
             return pairs
