@@ -29,12 +29,14 @@ _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 
 @dataclass(frozen=True)
 class Environment:
-    """One account and region the app is deployed to; `approval` holds the pipeline before it."""
+    """One account and region the app is deployed to; `approval` holds the pipeline before it, `config`
+    replaces the shared configuration there (its own addresses to adopt, its own alert topic...)."""
 
     name: str
     account: str
     region: str
     approval: bool = False
+    config: eip_reclaim.AppConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class PipelineStack(cdk.Stack):
             stage = EipReclaimStage(
                 self,
                 environment.name,
-                config=config,
+                config=environment.config or config,
                 env=cdk.Environment(account=environment.account, region=environment.region),
             )
             approval = pipelines.ManualApprovalStep(f"Approve-{environment.name}")
@@ -110,7 +112,8 @@ class PipelineStack(cdk.Stack):
 
 
 def environments_from(raw: object) -> list[Environment]:
-    """The context's `environments`: a list of {name, account, region, approval?}; errors name the key."""
+    """The context's `environments`: a list of {name, account, region, approval?, config?}; errors name
+    the key."""
     if not isinstance(raw, list) or not raw:
         raise ValueError("environments: expected a non-empty list of {name, account, region}")
     found: list[Environment] = []
@@ -118,7 +121,7 @@ def environments_from(raw: object) -> list[Environment]:
         key = f"environments[{index}]"
         if not isinstance(item, Mapping) or not {"name", "account", "region"} <= set(item):
             raise ValueError(f"{key}: expected an object with name, account and region")
-        unknown = set(item) - {"name", "account", "region", "approval"}
+        unknown = set(item) - {"name", "account", "region", "approval", "config"}
         if unknown:
             raise ValueError(f"{key}.{sorted(unknown)[0]}: unknown key")
         environment = Environment(
@@ -126,6 +129,7 @@ def environments_from(raw: object) -> list[Environment]:
             account=str(item["account"]),
             region=str(item["region"]),
             approval=bool(item.get("approval", False)),
+            config=eip_reclaim.from_context(item["config"]) if "config" in item else None,
         )
         if not _STAGE_NAME.match(environment.name):
             raise ValueError(f"{key}.name: {environment.name!r} must be a letter then letters, digits or '-'")
