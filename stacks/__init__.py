@@ -1,7 +1,7 @@
 """eip-reclaim as a CDK construct library: a public EC2 instance that heals itself and keeps its Elastic IP.
 
 Installed from the wheel, this package is ``eip_reclaim``; in a checkout it is ``stacks/`` (and
-``import eip_reclaim`` finds it through the one-line module of that name at the repository's top).
+``import eip_reclaim`` finds it through the small module of that name at the repository's top).
 
 For a team's own app and VPC::
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A team's own CDK app that uses eip-reclaim as a library: its stack, its VPC, two healing services.
 
-Nothing here comes from the eip-reclaim repository but the installed package (`pip install eip-reclaim`
-or the wheel). Synthesize with `cdk synth` in this directory (cdk.json runs this file).
+Nothing here comes from the eip-reclaim repository but the installed package (the wheel `pip wheel .`
+builds there). Synthesize with `cdk synth` in this directory (cdk.json runs this file); in a checkout of
+eip-reclaim without the wheel installed, `PYTHONPATH=../.. cdk synth` finds the library.
 """
 
 from __future__ import annotations
