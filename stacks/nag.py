@@ -50,8 +50,7 @@ def acknowledge_nats(nats: Sequence[NatInstance]) -> None:
         )
         _ack(
             nat.role,
-            f"AwsSolutions::AwsSolutions-IAM5[Resource::{_ARN_PREFIX}:ec2:<AWS::Region>:<AWS::AccountId>:"
-            "network-interface/*]",
+            f"AwsSolutions::AwsSolutions-IAM5[Resource::{_arn(nat.role, 'ec2')}:network-interface/*]",
             "The primary interface's source/dest check: its id is known only at boot; limited by the "
             "ec2:Subnet condition to interfaces of this NAT's subnet.",
         )
