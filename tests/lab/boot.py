@@ -2,10 +2,10 @@
 
 A container joins its instance's namespace (`--network-namespace-path=`), so it sees the same ens5,
 routes and IMDS as the lab's other instances. Its root is a directory of its own — the disk that
-survives a power-off — with the machine's `/usr` bound read-only (under an overlay that adds Amazon
-Linux 2023's Python 3.9 when this machine has one, and the AWS CLI). Its first boot runs the user data
-of the synthesized launch template, with only deploy-time values filled in, once, as root, as
-cloud-init's final stage would; from then on only systemd starts the payload.
+survives a power-off — with the machine's `/usr` under an overlay (writable, its writes kept with the
+disk) that adds Amazon Linux 2023's Python 3.9 when this machine has one, and the AWS CLI. Its first
+boot runs the user data of the synthesized launch template, with only deploy-time values filled in,
+once, as root, as cloud-init's final stage would; from then on only systemd starts the payload.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ RECHECK_SERVICE = "eip-reclaim-recheck.service"
 CLOUD_FINAL = "lab-cloud-final.service"
 USER_DATA = "/var/lib/cloud/instance/scripts/part-001"
 USER_DATA_DONE = "/var/lib/cloud/instance/sem/config_scripts_user"
-# Once per instance, whatever its outcome: cloud-init marks the module as run either way.
+# Once per instance, whatever its outcome: cloud-init does not run the user data again at a reboot.
 RUN_USER_DATA = "/var/lib/cloud/run-user-data"
 RUN_USER_DATA_SCRIPT = f"""#!/bin/sh
 mkdir -p {os.path.dirname(USER_DATA_DONE)}
@@ -372,12 +372,6 @@ class Machine:
     @property
     def running(self) -> bool:
         return bool(self.boots) and self.boots[-1].proc.poll() is None
-
-    def wait_booted(self, timeout: float = 60) -> str:
-        """Wait for the boot to finish; systemd's verdict (running, degraded)."""
-        return self.run(
-            "systemctl", "is-system-running", "--wait", timeout=timeout, check=False
-        ).stdout.strip()
 
     def poweroff(self, timeout: float = 60) -> None:
         """A clean power-off: systemd stops every unit, then the container's processes are gone."""
