@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aws_cdk as cdk
 import pytest
+from aws_cdk import aws_ec2 as ec2
 
 from stacks.config import (
     ConfigError,
@@ -22,8 +24,11 @@ from stacks.config import (
     is_graviton,
     parse,
 )
+from stacks.nat import StableNatProvider
 from stacks.payload_config import DIRECT, payload_config
-from tests.unit.cdk_app import BYO_RAWS, BYO_VPC, DEFAULT_RAW, MULTI_RAW, REPO
+from stacks.service import HealingService
+from stacks.service_network import Egress
+from tests.unit.cdk_app import BYO_RAWS, BYO_VPC, DEFAULT_RAW, FEATURE_FLAGS, MULTI_RAW, REPO
 
 
 def with_change(path: str, value: object) -> dict[str, Any]:
@@ -360,6 +365,23 @@ def test_the_payload_config_carries_tls_only_when_true() -> None:
     # A payload that knows no "tls" key still accepts every probe that does not ask for TLS.
     assert _probe(HealthCheckConfig(port=443, path="/health", tls=True))["tls"] is True
     assert "tls" not in _probe(HealthCheckConfig(port=8080, path="/health"))
+
+
+def test_the_library_refuses_an_http_path_on_443_naming_the_prop() -> None:
+    # HealingService takes a HealthCheckConfig as it is: the same rule must hold there.
+    app = cdk.App(context=FEATURE_FLAGS)
+    stack = cdk.Stack(app, "Team")
+    nat = StableNatProvider()
+    vpc = ec2.Vpc(stack, "Vpc", max_azs=2, nat_gateway_provider=nat)
+    refused = r'^HealingService\(Web\)\.health_check\.tls: a path on port 443 .* "tls": true'
+    with pytest.raises(ConfigError, match=refused):
+        HealingService(
+            stack,
+            "Web",
+            vpc=vpc,
+            egress=Egress.stable_nat(nat),
+            health_check=HealthCheckConfig(port=443, path="/health"),
+        )
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
