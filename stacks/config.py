@@ -53,10 +53,12 @@ INTERFACE_ENDPOINT_SERVICES = ("ec2", "autoscaling", "cloudformation", "monitori
 ENDPOINT_NAMES = ("s3", *INTERFACE_ENDPOINT_SERVICES)
 # The keys that describe a VPC the app creates; a team's own VPC is described by the others.
 _NEW_VPC_KEYS = ("cidr", "az_count", "subnet_prefix_length")
-# An SNS topic ARN in any partition: arn:<partition>:sns:<region>:<12-digit account>:<name>.
 # An absolute URL path without whitespace, as the payload's health_check.path accepts it.
 _URL_PATH = re.compile(r"^/\S*$")
+# An SNS topic ARN in any partition: arn:<partition>:sns:<region>:<12-digit account>:<name>.
 _TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z]{2}(-[a-z]+)+-\d+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
+# HTTPS's port: a health check with a path there speaks TLS unless told otherwise.
+_HTTPS_PORT = 443
 
 
 class ConfigError(ValueError):
@@ -138,6 +140,9 @@ class HealthCheckConfig:
     failures: int = 3
     # No probe until the service has had this long since its instance took the address.
     grace_seconds: int = 60
+    # The HTTP probe over TLS (certificate not verified: the probe asks whether the service answers,
+    # not who it is); a path on port 443 without it would probe a TLS server in plain HTTP and fail.
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -445,7 +450,16 @@ def _health_check(raw: object, key: str) -> HealthCheckConfig:
     grace = _integer(obj.get("grace_seconds", default.grace_seconds), f"{key}.grace_seconds")
     if not 0 <= grace <= 3600:
         raise ConfigError(f"{key}.grace_seconds", f"{grace} must be from 0 to 3600 seconds")
-    return HealthCheckConfig(port=port, path=path, failures=failures, grace_seconds=grace)
+    tls = _boolean(obj.get("tls", default.tls), f"{key}.tls")
+    if tls and path is None:
+        raise ConfigError(f"{key}.tls", "applies to the HTTP probe: give a path as well")
+    if path is not None and port == _HTTPS_PORT and not tls:
+        raise ConfigError(
+            f"{key}.tls",
+            f'a path on port {_HTTPS_PORT} is probed in plain HTTP unless "tls": true (a TLS server fails '
+            "every such probe and its instance is replaced in a loop)",
+        )
+    return HealthCheckConfig(port=port, path=path, failures=failures, grace_seconds=grace, tls=tls)
 
 
 def _warm_pool_reaches_auto_scaling(network: NetworkConfig, services: Sequence[ServiceConfig]) -> None:

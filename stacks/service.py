@@ -12,7 +12,7 @@ from constructs import Construct
 
 from . import nag
 from .bundle import BundleInfo, build_bundle
-from .config import ConfigError, HealthCheckConfig, ServiceConfig, _service
+from .config import ConfigError, HealthCheckConfig, ServiceConfig, _health_check, _service
 from .healing_service import ELASTIC_IP_LOGICAL_ID, ElasticAddress, HealingGroup
 from .monitoring import Alerts
 from .service_network import Egress, VpcNetwork
@@ -75,7 +75,9 @@ class HealingService(Construct):
             raw["allocation_id"] = allocation_id
         self.config: ServiceConfig = _service(raw, f"HealingService({construct_id})")
         if health_check is not None:
-            self.config = ServiceConfig(**{**vars(self.config), "health_check": health_check})
+            # The same checks as the cdk.json shape (a path on 443 needs tls), naming the prop.
+            checked = _health_check(vars(health_check), f"HealingService({construct_id}).health_check")
+            self.config = ServiceConfig(**{**vars(self.config), "health_check": checked})
         if warm_pool and egress.dualstack:
             raise ConfigError(
                 f"HealingService({construct_id}).warm_pool",

@@ -102,6 +102,7 @@ def test_the_role_may_describe_addresses_anywhere_but_change_nothing_else_broadl
 
 
 def test_associate_address_only_on_this_address(template: Template) -> None:
+    # aws-facts: facts-resource-tag-condition
     # Another service's address, or any other in the account, is out of reach.
     (statement,) = [s for s in statements(template) if sid(s) == "TakeThisAddress"]
     assert statement["Action"] == "ec2:AssociateAddress"
@@ -123,6 +124,7 @@ def test_associate_address_only_on_this_address(template: Template) -> None:
 
 
 def test_associate_address_only_onto_instances_of_this_group(template: Template) -> None:
+    # aws-facts: facts-reserved-group-tag, facts-resource-tag-condition
     # The reserved tag only Auto Scaling sets: anyone with ec2:CreateTags could forge a service tag.
     (statement,) = [s for s in statements(template) if sid(s) == "OnlyOntoThisGroupsInstances"]
     assert statement["Action"] == "ec2:AssociateAddress"
@@ -162,6 +164,7 @@ def test_metrics_only_into_the_apps_namespace(template: Template) -> None:
 
 
 def test_complete_lifecycle_action_only_on_this_group(template: Template) -> None:
+    # aws-facts: facts-complete-lifecycle-action
     # The role can report the launch of its own group's instances, not steer other groups.
     (statement,) = [s for s in statements(template) if sid(s) == "ReportTheLaunch"]
     assert statement["Action"] == "autoscaling:CompleteLifecycleAction"
@@ -207,6 +210,7 @@ def test_the_security_group_opens_only_the_configured_ports(template: Template) 
 
 
 def test_the_launch_template_boots_al2023_without_a_public_ip_and_with_imdsv2(template: Template) -> None:
+    # aws-facts: facts-imds-hop-limit
     # No public IPv4 (the address is its only way out), IMDSv2 with one hop, an encrypted root volume.
     template.has_resource_properties(
         "AWS::EC2::LaunchTemplate",
@@ -269,6 +273,7 @@ def test_instances_are_tagged_for_this_service_at_launch(template: Template) -> 
 
 
 def test_the_launch_hook_holds_every_instance_and_abandons_by_default(template: Template) -> None:
+    # aws-facts: facts-hook-default-result
     # Part of the group itself so the first instance waits too; an instance that never reports is replaced.
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
     assert group["LifecycleHookSpecificationList"] == [
@@ -468,6 +473,7 @@ def test_user_data_stays_far_below_the_16_kb_limit(app: Synthesized, template: T
 
 
 def test_a_create_waits_for_the_payloads_signal(template: Template) -> None:
+    # aws-facts: facts-creation-policy-signals
     # A stack whose instance cannot take its address fails and rolls back instead of reporting success.
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")
     assert group["CreationPolicy"] == {
