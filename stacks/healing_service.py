@@ -10,13 +10,13 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from stacks.bundle import BundleInfo
-from stacks.config import ServiceConfig
-from stacks.launch_hook import hold_launches
-from stacks.monitoring import METRICS_NAMESPACE, ServiceAlarms
-from stacks.network import Network
-from stacks.payload_config import DEADLINE_SECONDS, payload_config
-from stacks.user_data import payload_user_data
+from .bundle import BundleInfo
+from .config import ServiceConfig
+from .launch_hook import hold_launches
+from .monitoring import METRICS_NAMESPACE, ServiceAlarms
+from .payload_config import DEADLINE_SECONDS, payload_config
+from .service_network import ServiceNetwork
+from .user_data import payload_user_data
 
 # The tag that names a service on its instances (for people and cost reports; IAM relies on the
 # reserved aws:autoscaling:groupName instead, which no one can set by hand).
@@ -86,7 +86,7 @@ class HealingGroup(Construct):
         construct_id: str,
         *,
         config: ServiceConfig,
-        network: Network,
+        network: ServiceNetwork,
         address: ElasticAddress,
         bundle: BundleInfo,
         group_name: str,
@@ -179,7 +179,7 @@ class HealingGroup(Construct):
             description=f"eip-reclaim {config.name}: the service ports",
             allow_all_outbound=True,
             # In an IPv6 network the EC2 API is reached over IPv6 before the address is claimed.
-            allow_all_ipv6_outbound=network.config.payload_dualstack,
+            allow_all_ipv6_outbound=network.payload_dualstack,
         )
         for port in config.ingress_ports:
             self.security_group.add_ingress_rule(
@@ -233,7 +233,7 @@ class HealingGroup(Construct):
             ],
         )
 
-        if network.config.payload_dualstack:
+        if network.payload_dualstack:
             cfn_template = self.launch_template.node.default_child
             assert isinstance(cfn_template, ec2.CfnLaunchTemplate)
             # Escape hatch: LaunchTemplate has no IPv6 property. One IPv6 address on the primary
@@ -243,7 +243,7 @@ class HealingGroup(Construct):
 
         # The alarms exist before the group: a warm pool's deploy (an instance refresh) watches `Abandoned`.
         self.alarms = ServiceAlarms(
-            self, "Alarms", service=config.name, group_name=group_name, topic=network.alerts.topic
+            self, "Alarms", service=config.name, group_name=group_name, topic=network.alert_topic
         )
         self.group = autoscaling.AutoScalingGroup(
             self,
@@ -302,8 +302,8 @@ class HealingGroup(Construct):
         # CloudFormation expressions until deploy.
         self.payload_config = payload_config(
             allocation_id=address.allocation_id,
-            egress=network.config.payload_egress,
-            dualstack=network.config.payload_dualstack,
+            egress=network.payload_egress,
+            dualstack=network.payload_dualstack,
             nat_by_subnet=network.nat_by_subnet,
             auto_scaling_group=group_name,
             lifecycle_hook=LIFECYCLE_HOOK_NAME,
@@ -398,7 +398,7 @@ class HealingServiceStack(Stack):
         construct_id: str,
         *,
         config: ServiceConfig,
-        network: Network,
+        network: ServiceNetwork,
         bundle: BundleInfo,
         **kwargs: Any,
     ) -> None:

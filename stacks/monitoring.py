@@ -13,7 +13,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from stacks.nat import in_service_alarm
+from .nat import in_service_alarm
 
 # The payload's CloudWatch namespace and its metrics (docs/payload.md): written by the payload with the
 # dimension Service=<service name>.

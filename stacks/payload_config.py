@@ -8,8 +8,8 @@ from typing import Any
 from aws_cdk import Aws
 from aws_cdk import aws_ec2 as ec2
 
-from stacks.config import HealthCheckConfig
-from stacks.monitoring import METRICS_NAMESPACE
+from .config import HealthCheckConfig
+from .monitoring import METRICS_NAMESPACE
 
 CONFIG_VERSION = 1
 # The payload's own deadline for one run; the lifecycle hook's heartbeat must outlast it.

@@ -6,12 +6,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import aws_cdk as cdk
 import pytest
+from aws_cdk import assertions
+from aws_cdk import aws_ec2 as ec2
 
+import eip_reclaim
 from stacks.config import ConfigError, SpotConfig, parse
 from stacks.healing_service import HOOK_HEARTBEAT
 from tests.unit.cdk_app import (
     DEFAULT_RAW,
+    FEATURE_FLAGS,
     Synthesized,
     default_app,
     launch_first_app,
@@ -266,3 +271,60 @@ def test_bad_handover_and_spot_values_are_one_line_naming_the_key(
         parse(service(**changes))
     assert caught.value.key == key and message in caught.value.problem, str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# -- the same choices in the construct library -------------------------------------------------------
+
+
+def test_the_library_takes_the_handover_and_spot() -> None:
+    # HealingService's props reach the same group shape as the app's configuration.
+    app = cdk.App(context=FEATURE_FLAGS)
+    stack = cdk.Stack(app, "Team")
+    nat = eip_reclaim.StableNatProvider()
+    network = ec2.Vpc(stack, "Vpc", max_azs=2, nat_gateway_provider=nat)
+    egress = eip_reclaim.Egress.stable_nat(nat)
+    eip_reclaim.HealingService(stack, "Plain", vpc=network, egress=egress)
+    eip_reclaim.HealingService(
+        stack,
+        "Spot",
+        vpc=network,
+        egress=egress,
+        handover="launch-first",
+        spot_instance_types=["c7g.large", "m7g.large"],
+    )
+    template = assertions.Template.from_stack(stack)
+    by_name = {r["Properties"]["AutoScalingGroupName"]: r for r in template.find_resources(GROUP).values()}
+    assert sizes(by_name["Team-plain"]) == ("1", "1", "1")
+    spot = by_name["Team-spot"]
+    assert sizes(spot) == ("1", "2", "1")
+    assert spot["Properties"]["CapacityRebalance"] is True
+    overrides = spot["Properties"]["MixedInstancesPolicy"]["LaunchTemplate"]["Overrides"]
+    assert [o["InstanceType"] for o in overrides] == ["c7g.large", "m7g.large"]
+    assert spot["UpdatePolicy"]["AutoScalingRollingUpdate"]["MinInstancesInService"] == 1
+
+
+@pytest.mark.parametrize(
+    ("props", "match"),
+    [
+        ({"handover": "sideways"}, r"^HealingService\(Web\)\.handover: 'sideways' is not one of"),
+        ({"spot_instance_types": ["t4g.micro", "t4g.small"]}, r"^HealingService\(Web\)\.spot: requires"),
+        (
+            {
+                "handover": "launch-first",
+                "instance_type": "t4g.nano",
+                "spot_instance_types": ["t4g.micro", "t4g.small"],
+            },
+            r"^HealingService\(Web\)\.instance_type: with spot",
+        ),
+    ],
+)
+def test_the_library_refuses_a_bad_handover_or_spot_naming_the_prop(
+    props: dict[str, Any], match: str
+) -> None:
+    stack = cdk.Stack(cdk.App(context=FEATURE_FLAGS), "Team")
+    nat = eip_reclaim.StableNatProvider()
+    network = ec2.Vpc(stack, "Vpc", max_azs=2, nat_gateway_provider=nat)
+    with pytest.raises(eip_reclaim.ConfigError, match=match):
+        eip_reclaim.HealingService(
+            stack, "Web", vpc=network, egress=eip_reclaim.Egress.stable_nat(nat), **props
+        )
