@@ -250,10 +250,10 @@ def test_the_launch_template_boots_al2023_without_a_public_ip_and_with_imdsv2(te
 def test_the_group_keeps_exactly_one_instance_over_the_public_subnet_of_every_az(
     app: Synthesized, template: Template
 ) -> None:
-    # min = desired = 1 (max 2 only for a launch-first update); any AZ can host the replacement,
+    # min = max = desired = 1 (the default handover, terminate-first); any AZ can host the replacement,
     # always in a public subnet.
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
-    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "2", "1")
+    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "1", "1")
     assert group["AutoScalingGroupName"] == "EipReclaim-web"
     network = app.template_json(app.network)
     zone_outputs = [exported_value(network, ref) for ref in group["VPCZoneIdentifier"]]
@@ -481,16 +481,16 @@ def test_a_create_waits_for_the_payloads_signal(template: Template) -> None:
     }
 
 
-def test_a_new_launch_template_launches_the_new_instance_before_removing_the_old(template: Template) -> None:
+def test_a_new_launch_template_rolls_the_one_instance_and_waits_for_its_signal(template: Template) -> None:
     # The group's name is fixed, so only a rolling update can replace its instance. MinInstancesInService
-    # 1 < MaxSize 2: CloudFormation launches the new one beside the old, waits for its SUCCESS (the
-    # payload's signal after it holds the address), then terminates the old. The pause spans the hook's
-    # window, and the processes that would fight the update are suspended (Launch and Terminate stay on).
+    # 0 < MaxSize 1 (the default, terminate-first; launch-first: tests/unit/test_group_shape.py): the old
+    # one goes, the new one boots, and CloudFormation waits for its SUCCESS (the payload's signal after it
+    # holds the address). The pause spans the hook's window, and the processes that would fight the
+    # update are suspended (Launch and Terminate stay on). aws-facts: group-rolling-min-in-service
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")
     policy = group["UpdatePolicy"]["AutoScalingRollingUpdate"]
-    assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 1)
+    assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 0)
     assert policy["MinInstancesInService"] < int(group["Properties"]["MaxSize"])
-    assert policy["MinInstancesInService"] == int(group["Properties"]["DesiredCapacity"])
     assert policy["PauseTime"] == f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"
     assert policy["WaitOnResourceSignals"] is True
     assert "AutoScalingInstanceRefresh" not in group["UpdatePolicy"]
