@@ -50,6 +50,12 @@ def acknowledge_nats(nats: Sequence[NatInstance]) -> None:
         )
         _ack(
             nat.role,
+            f"AwsSolutions::AwsSolutions-IAM5[Resource::{_arn(nat.role, 'ec2')}:network-interface/*]",
+            "The primary interface's source/dest check: its id is known only at boot; limited by the "
+            "ec2:Subnet condition to interfaces of this NAT's subnet.",
+        )
+        _ack(
+            nat.role,
             "AwsSolutions::AwsSolutions-IAM5[Resource::"
             f"{_arn(nat.role, 'autoscaling')}:autoScalingGroup:*:"
             f"autoScalingGroupName/{nat.group_name}]",

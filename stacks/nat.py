@@ -165,8 +165,16 @@ if ! command -v iptables-restore >/dev/null; then
   retry dnf install -y iptables-nft
 fi
 sh ${network_script}
-# Replies to forwarded traffic leave the primary interface with the destination's source address.
-retry aws ec2 modify-instance-attribute --instance-id "$$instance" --no-source-dest-check
+# Replies to forwarded traffic leave the primary interface with the destination's source address: its
+# source/dest check goes off, by the interface's id (with the stable interface attached, as at every
+# boot after the first, EC2 refuses the instance-wide call). Already off: no call.
+mac="$$(retry imds mac)"
+primary="$$(retry imds "network/interfaces/macs/$$mac/interface-id")"
+checked="$$(retry aws ec2 describe-network-interfaces --network-interface-ids "$$primary" \\
+  --query 'NetworkInterfaces[0].SourceDestCheck' --output text)"
+if [ "$$checked" != "False" ]; then
+  retry aws ec2 modify-network-interface-attribute --network-interface-id "$$primary" --no-source-dest-check
+fi
 
 attached="$$(retry aws ec2 describe-network-interfaces --network-interface-ids "$$ENI" \\
   --query 'NetworkInterfaces[0].Attachment.[InstanceId,AttachmentId]' --output text)"
@@ -304,6 +312,7 @@ class NatInstance(Construct):
             resource_name=f"*:autoScalingGroupName/{group_name}",
             arn_format=ArnFormat.COLON_RESOURCE_NAME,
         )
+        subnet_arn = stack.format_arn(service="ec2", resource="subnet", resource_name=subnet.subnet_id)
         own_instances = {"StringEquals": {"aws:ResourceTag/aws:autoscaling:groupName": group_name}}
         self.role = iam.Role(
             self,
@@ -326,12 +335,25 @@ class NatInstance(Construct):
                             resources=[self.interface_arn],
                         ),
                         iam.PolicyStatement(
+                            sid="SourceDestCheckInItsSubnet",
+                            # The primary interface's id is known only at boot: interfaces of this NAT's
+                            # subnet, and (statement below) only while attached to this group's instances.
+                            # EC2 offers no condition key that names the attribute changed.
+                            actions=["ec2:ModifyNetworkInterfaceAttribute"],
+                            resources=[
+                                stack.format_arn(
+                                    service="ec2", resource="network-interface", resource_name="*"
+                                )
+                            ],
+                            conditions={"ArnEquals": {"ec2:Subnet": subnet_arn}},
+                        ),
+                        iam.PolicyStatement(
                             sid="OnlyBetweenThisGroupsInstances",
                             # The reserved tag only Auto Scaling sets: no one can tag their way in.
                             actions=[
                                 "ec2:AttachNetworkInterface",
                                 "ec2:DetachNetworkInterface",
-                                "ec2:ModifyInstanceAttribute",
+                                "ec2:ModifyNetworkInterfaceAttribute",
                             ],
                             resources=[
                                 stack.format_arn(service="ec2", resource="instance", resource_name="*")

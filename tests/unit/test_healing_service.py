@@ -281,7 +281,8 @@ def test_the_launch_hook_holds_every_instance_and_abandons_by_default(template: 
             "LifecycleHookName": LIFECYCLE_HOOK_NAME,
             "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
             "DefaultResult": "ABANDON",
-            "HeartbeatTimeout": int(HOOK_HEARTBEAT.to_seconds()),
+            # 120 s of boot and install, a 240 s run, the unit's 30 s restart delay, one more 240 s run.
+            "HeartbeatTimeout": 660,
         }
     ]
     template.resource_count_is("AWS::AutoScaling::LifecycleHook", 0)
@@ -414,7 +415,7 @@ def test_user_data_carries_the_payload_config_with_the_generated_subnet_nat_map(
         "lifecycle_hook": {
             "auto_scaling_group": "EipReclaim-web",
             "hook": LIFECYCLE_HOOK_NAME,
-            "timeout_seconds": int(HOOK_HEARTBEAT.to_seconds()),
+            "timeout_seconds": 660,
         },
         "signal": {
             "stack": "EipReclaim-web",
@@ -477,7 +478,7 @@ def test_a_create_waits_for_the_payloads_signal(template: Template) -> None:
     # A stack whose instance cannot take its address fails and rolls back instead of reporting success.
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")
     assert group["CreationPolicy"] == {
-        "ResourceSignal": {"Count": 1, "Timeout": f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"}
+        "ResourceSignal": {"Count": 1, "Timeout": "PT11M"}  # the hook's 660 s window
     }
 
 
@@ -491,7 +492,7 @@ def test_a_new_launch_template_rolls_the_one_instance_and_waits_for_its_signal(t
     policy = group["UpdatePolicy"]["AutoScalingRollingUpdate"]
     assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 0)
     assert policy["MinInstancesInService"] < int(group["Properties"]["MaxSize"])
-    assert policy["PauseTime"] == f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"
+    assert policy["PauseTime"] == "PT11M"  # the hook's 660 s window
     assert policy["WaitOnResourceSignals"] is True
     assert "AutoScalingInstanceRefresh" not in group["UpdatePolicy"]
     assert {"HealthCheck", "ReplaceUnhealthy", "AZRebalance", "ScheduledActions"} <= set(

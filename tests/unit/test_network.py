@@ -268,9 +268,20 @@ def test_the_nat_role_moves_only_its_own_interface_between_its_own_groups_instan
     assert set(by_sid) == {
         "FindTheInterface",
         "MoveOnlyThisInterface",
+        "SourceDestCheckInItsSubnet",
         "OnlyBetweenThisGroupsInstances",
         "ReportReadiness",
     }
+    # The primary's source/dest check by interface id, never the instance-wide call (refused once the
+    # stable interface is attached): interfaces of its own subnet only. aws-facts: nat-modify-eni-scope
+    check = by_sid["SourceDestCheckInItsSubnet"]
+    assert check["Action"] == "ec2:ModifyNetworkInterfaceAttribute"
+    assert check["Resource"]["Fn::Join"][1][-1] == ":network-interface/*"
+    (subnet_arn,) = check["Condition"]["ArnEquals"].values()
+    assert list(check["Condition"]["ArnEquals"]) == ["ec2:Subnet"]
+    assert subnet_arn["Fn::Join"][1][-2] == ":subnet/"
+    assert "PublicSubnet1" in subnet_arn["Fn::Join"][1][-1]["Ref"]
+    assert "ec2:ModifyInstanceAttribute" not in json.dumps(nat_role_statements(template))
     interface = by_sid["MoveOnlyThisInterface"]
     assert interface["Action"] == ["ec2:AttachNetworkInterface", "ec2:DetachNetworkInterface"]
     assert interface["Resource"]["Fn::Join"][1][-2:] == [
@@ -278,6 +289,7 @@ def test_the_nat_role_moves_only_its_own_interface_between_its_own_groups_instan
         {"Ref": Match.any_value()},
     ] or (interface["Resource"]["Fn::Join"][1][-2] == ":network-interface/")
     instances = by_sid["OnlyBetweenThisGroupsInstances"]
+    assert "ec2:ModifyNetworkInterfaceAttribute" in instances["Action"]
     assert instances["Condition"] == {
         "StringEquals": {"aws:ResourceTag/aws:autoscaling:groupName": "EipReclaim-Network-nat1"}
     }
