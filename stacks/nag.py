@@ -134,9 +134,23 @@ def acknowledge_service(group: HealingGroup, service: ServiceConfig) -> None:
     _ack(
         group.group,
         "Annotation::@aws-cdk/aws-autoscaling:desiredCapacitySet",
-        "Desired = minimum = 1 by design (maximum 2 is room for a launch-first update): every "
-        "deploy setting the size back to 1 is intended.",
+        "Minimum = desired = 1 by design (maximum 1, or 2 with handover launch-first for the "
+        "minutes of a handover): every deploy setting the size back to 1 is intended.",
     )
+    if service.spot is not None:
+        _ack(
+            group.group,
+            "AwsSolutions::AwsSolutions-EC26",
+            "The rule reads a launch template named at the group's top level and fails on one named "
+            "in a mixed instances policy; that template's only volume is encrypted gp3 (unit tests).",
+        )
+    if service.warm_pool:
+        _ack(
+            group.group,
+            "Annotation::@aws-cdk/aws-autoscaling:signalsNotUsedByInstanceRefresh",
+            "The signal serves the stack's creation only; a deploy's instance refresh waits for the "
+            "launch hook (the payload's CONTINUE after its claim) and fails on the Abandoned alarm.",
+        )
     if service.ingress_cidr == "0.0.0.0/0":
         _ack(
             group.security_group,

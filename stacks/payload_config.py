@@ -67,5 +67,8 @@ def payload_config(
             probe["path"] = health_check.path
         probe["failures"] = health_check.failures
         probe["grace_seconds"] = health_check.grace_seconds
+        if health_check.tls:
+            # Only when true: a payload that predates TLS probes keeps accepting every other probe.
+            probe["tls"] = True
         config["health_check"] = probe
     return config

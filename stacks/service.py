@@ -12,11 +12,20 @@ from constructs import Construct
 
 from . import nag
 from .bundle import BundleInfo, build_bundle
-from .config import ConfigError, HealthCheckConfig, ServiceConfig, _service
+from .config import (
+    HANDOVER_TERMINATE_FIRST,
+    ConfigError,
+    HealthCheckConfig,
+    ServiceConfig,
+    _health_check,
+    _service,
+)
 from .healing_service import ELASTIC_IP_LOGICAL_ID, ElasticAddress, HealingGroup
 from .monitoring import Alerts
 from .service_network import Egress, VpcNetwork
 
+# The library's default instance type, the configuration's too.
+_DEFAULT_INSTANCE_TYPE = "t4g.micro"
 # CloudFormation and Auto Scaling take group names of up to 255 characters.
 _GROUP_NAME_LIMIT = 255
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
@@ -45,37 +54,49 @@ class HealingService(Construct):
         egress: Egress,
         name: str | None = None,
         vpc_subnets: ec2.SubnetSelection | None = None,
-        instance_type: str = "t4g.micro",
+        instance_type: str = _DEFAULT_INSTANCE_TYPE,
         ingress_ports: Sequence[int] = (443,),
         ingress_cidr: str = "0.0.0.0/0",
         allocation_id: str | None = None,
         root_volume_gib: int = 8,
         warm_pool: bool = False,
         health_check: HealthCheckConfig | None = None,
+        handover: str = HANDOVER_TERMINATE_FIRST,
+        spot_instance_types: Sequence[str] | None = None,
         alert_topic: sns.ITopic | None = None,
         bundle: BundleInfo | None = None,
     ) -> None:
         """``name`` (default: the construct id in lower case) names the service in its tags, metrics and
         group; ``allocation_id`` adopts an existing Elastic IP instead of allocating one (kept when the
-        stack goes either way); ``bundle`` is the payload (default: built once and cached, see
-        `build_bundle`).
+        stack goes either way); ``handover`` is ``"terminate-first"`` (exactly one instance, always) or
+        ``"launch-first"`` (a second one while one replaces the other: deploys, health replacements,
+        Spot); ``spot_instance_types`` (two or more of one architecture, needs launch-first, replaces
+        ``instance_type``) runs the instance on Spot with Capacity Rebalancing; ``bundle`` is the
+        payload (default: built once and cached, see `build_bundle`).
         """
         super().__init__(scope, construct_id)
         service_name = name if name is not None else construct_id.lower()
         # The app's own validation, so the library refuses what the cdk.json shape refuses, naming the prop.
         raw: dict[str, object] = {
             "name": service_name,
-            "instance_type": instance_type,
             "ingress_ports": list(ingress_ports),
             "ingress_cidr": ingress_cidr,
             "root_volume_gib": root_volume_gib,
             "warm_pool": warm_pool,
+            "handover": handover,
         }
+        # With Spot the types are spot_instance_types; an instance_type beside them is refused.
+        if spot_instance_types is None or instance_type != _DEFAULT_INSTANCE_TYPE:
+            raw["instance_type"] = instance_type
+        if spot_instance_types is not None:
+            raw["spot"] = {"instance_types": list(spot_instance_types)}
         if allocation_id is not None:
             raw["allocation_id"] = allocation_id
         self.config: ServiceConfig = _service(raw, f"HealingService({construct_id})")
         if health_check is not None:
-            self.config = ServiceConfig(**{**vars(self.config), "health_check": health_check})
+            # The same checks as the cdk.json shape (a path on 443 needs tls), naming the prop.
+            checked = _health_check(vars(health_check), f"HealingService({construct_id}).health_check")
+            self.config = ServiceConfig(**{**vars(self.config), "health_check": checked})
         if warm_pool and egress.dualstack:
             raise ConfigError(
                 f"HealingService({construct_id}).warm_pool",

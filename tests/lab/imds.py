@@ -106,6 +106,9 @@ def metadata(identity: Identity, public_ipv4: str | None) -> dict[str, str]:
         paths["autoscaling/target-lifecycle-state"] = target_lifecycle_state(
             identity["target_lifecycle_state"]
         )
+    if identity.get("spot_instance_action"):
+        # The two-minute Spot interruption notice ({"action": "stop", "time": ...}), once the lab sent it.
+        paths["spot/instance-action"] = json.dumps(identity["spot_instance_action"])
     if public_ipv4:
         paths["public-ipv4"] = public_ipv4
         paths[net + "public-ipv4s"] = public_ipv4

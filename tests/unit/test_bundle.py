@@ -138,6 +138,7 @@ def test_dependencies_load_from_the_bundle_not_the_host(unpacked: Path) -> None:
 
 
 def test_clients_are_created_from_the_trimmed_models(unpacked: Path) -> None:
+    # aws-facts: facts-ec2-dualstack-endpoint
     # Client creation reads endpoints, partitions, SDK defaults, the retry config and the service model:
     # this fails if the trim removed anything it needs. Static keys: no credential lookup, no network.
     # The dual-stack endpoint too (egress direct in an IPv6 network), which the endpoint rules resolve.

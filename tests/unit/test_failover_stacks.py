@@ -123,9 +123,9 @@ def test_no_warm_pool_unless_asked(plain: Template) -> None:
 
 
 def test_the_group_still_keeps_one_in_service(template: Template) -> None:
-    # The pool sits beside the group: min = desired = 1, max 2 only for a launch-first update.
+    # The pool sits beside the group: min = max = desired = 1 (terminate-first, the default).
     group = the(template, GROUP)["Properties"]
-    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "2", "1")
+    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "1", "1")
 
 
 def test_one_hook_holds_both_transitions_with_the_first_boots_window(template: Template) -> None:
