@@ -82,6 +82,7 @@ lab: setup
 bench: setup
 	$(NEED_ROOT)
 	@python -m benchmarks.heal
+	@python -m benchmarks.boot
 
 clean:
 	rm -rf cdk.out .pytest_cache .mypy_cache .ruff_cache
