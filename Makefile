@@ -12,11 +12,12 @@ export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 
 STAMP := $(VENV)/.installed
 CHECKOV_STAMP := $(VENV)/checkov/.installed
+AWSCLI_STAMP := $(VENV)/awscli/.installed
 
 .PHONY: setup synth test lint unit lab-test lab bench clean
 .DEFAULT_GOAL := synth
 
-setup: $(STAMP) $(CHECKOV_STAMP)
+setup: $(STAMP) $(CHECKOV_STAMP) $(AWSCLI_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@echo "==> creating $(VENV) and installing pinned dependencies"
@@ -35,6 +36,14 @@ $(CHECKOV_STAMP): requirements-checkov.txt $(STAMP)
 	$(VENV)/checkov/bin/pip install --quiet --disable-pip-version-check -r requirements-checkov.txt
 	@touch $@
 
+# The AWS CLI v1 pins botocore to its own release: a venv of its own too. The NAT boot tests
+# (tests/lab/test_nat_boot.py) run the NAT's boot script with it, against moto.
+$(AWSCLI_STAMP): requirements-awscli.txt $(STAMP)
+	@echo "==> installing the AWS CLI into $(VENV)/awscli"
+	$(PYTHON) -m venv $(VENV)/awscli
+	$(VENV)/awscli/bin/pip install --quiet --disable-pip-version-check -r requirements-awscli.txt
+	@touch $@
+
 ## synth: set up, then synthesize every stack of the embedded default configuration into cdk.out/
 synth: $(STAMP)
 	@t0=$$(date +%s%N); cdk synth --quiet --no-notices && \
@@ -51,8 +60,9 @@ lint: setup
 test: lint
 	pytest
 
+# The netlink contract's fake half needs no root: it runs with the unit tests (its kernel half skips).
 unit: setup
-	pytest tests/unit
+	pytest tests/unit tests/kernel/test_contract_netlink.py
 
 # The lab builds network namespaces: without root, say how to run it instead of failing obscurely.
 NEED_ROOT = @if [ "$$(id -u)" != 0 ]; then echo "make $@: needs root and network namespaces: run 'sudo make $@'" >&2; exit 1; fi
@@ -72,6 +82,7 @@ lab: setup
 bench: setup
 	$(NEED_ROOT)
 	@python -m benchmarks.heal
+	@python -m benchmarks.boot
 
 clean:
 	rm -rf cdk.out .pytest_cache .mypy_cache .ruff_cache

@@ -9,11 +9,14 @@
   `--payload checkout`) this checkout with this interpreter and its venv's botocore (whole models);
 - failover downtime: killing the holder to the first answer from the replacement (which boots in the
   other AZ), and the part of it after the replacement's payload started;
+- handover gap: a launch-first deploy's overlap (the lab's scenario (a), tests/lab/test_handover.py)
+  as a client polling every 50 ms sees it: the time without an answer beyond the poll's own cadence
+  while the address moves once from the old instance to the new one (0: no poll went unanswered);
 - the floor: a process that only creates the EC2 client and makes the same three API calls, through
   the same NAT from the same namespace, with no routes, IMDS or checks (its detour is set up before
   it starts and not counted).
 
-    sudo make bench            # or: python -m benchmarks.heal --runs 7
+    sudo make bench            # or: python -m benchmarks.heal --runs 7 [--only handover]
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from typing import Any
 
 from tests import netns
 from tests.kernel import bundled
-from tests.lab import timeline, vpc
+from tests.lab import handover, timeline, vpc
 
 TARGETS = {
     "heal_latency_median_s": 1.0,
     "heal_to_floor_ratio": 1.5,
     "failover_beyond_payload_start_s": 1.5,
+    "handover_gap_s": 1.0,
 }
 
 
@@ -58,8 +62,10 @@ class Payload:
     python: str | None = None
     path: Path | None = None
 
-    def boot(self, lab: vpc.Lab, az: int, *, strategy: str = vpc.POLICY_ROUTE) -> vpc.Instance:
-        instance = lab.boot(az, strategy=strategy)
+    def boot(
+        self, lab: vpc.Lab, az: int, *, strategy: str = vpc.POLICY_ROUTE, launched_after: float | None = None
+    ) -> vpc.Instance:
+        instance = lab.boot(az, strategy=strategy, launched_after=launched_after)
         if self.python is None or self.path is None:
             return instance
         python, path = self.python, str(self.path)
@@ -154,6 +160,38 @@ def failover_once(lab: vpc.Lab, payload: Payload, az: int) -> tuple[float, float
     return answered - killed, answered - run.started
 
 
+def handover_once(lab: vpc.Lab, payload: Payload, az: int) -> handover.ClientView:
+    """A launch-first deploy: the new version boots beside the old one and takes the address, the old
+    one's re-check yields, then the old one is terminated; what the 50 ms client saw."""
+    lab.reset()
+    old = payload.boot(lab, az)
+    handover.tag_launch(lab, old, 1)
+    client = handover.start_client(lab)
+    try:
+        run = old.run_payload()
+        if run.returncode != 0:
+            raise RuntimeError(f"old instance's payload exited {run.returncode}:\n{run.stderr}")
+        handover.wait_for_answer(lab, old, run.started)
+        new = payload.boot(lab, 1 - az, launched_after=time.time())
+        handover.tag_launch(lab, new, 2)
+        run = new.run_payload()
+        if run.returncode != 0:
+            raise RuntimeError(f"new instance's payload exited {run.returncode}:\n{run.stderr}")
+        handover.wait_for_answer(lab, new, run.started)
+        recheck = old.run_payload()
+        if recheck.returncode != 0 or lab.holder() != new.instance_id:
+            raise RuntimeError(f"the old instance's re-check did not yield:\n{recheck.stderr}")
+        time.sleep(0.3)
+        lab.kill(old)
+        time.sleep(0.3)
+    finally:
+        handover.stop_client(client)
+    view = handover.client_view(lab, old, new)
+    if view.answered_by != [old.instance_id, new.instance_id]:
+        raise RuntimeError(f"the address did not move exactly once: {view.answered_by}")
+    return view
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         default="bundle",
         help="the shipped bundle under CPython 3.9 (default, when there is one) or this checkout",
     )
+    parser.add_argument("--only", choices=("handover",), help="measure only this figure")
     args = parser.parse_args(argv)
     if not netns.can_run():
         print(f"benchmark: {netns.HOW_TO_RUN.replace('make test', 'make bench')}", file=sys.stderr)
@@ -181,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             note = "" if args.payload == "checkout" else " (no CPython 3.9 here for the bundle)"
             payload = Payload(f"checkout with {sys.executable}{note}")
         lab.start_probe()
+        if args.only == "handover":
+            heal_once(lab, payload, 0)
+            views = [handover_once(lab, payload, k % 2) for k in range(args.runs)]
+            print(json.dumps(_handover_report(views, payload.description, args.runs), indent=2))
+            return 0
         # One untimed heal first: the page cache then holds what every later run imports.
         heal_once(lab, payload, 0)
         heals = [heal_once(lab, payload, k % 2) for k in range(args.runs)]
@@ -191,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             by_strategy[strategy] = [heal_once(lab, payload, k % 2, strategy) for k in range(args.runs)]
         floors = [floor_once(lab, k % 2) for k in range(args.runs)]
         failovers = [failover_once(lab, payload, k % 2) for k in range(args.runs)]
+        handovers = [handover_once(lab, payload, k % 2) for k in range(args.runs)]
         spec_source = lab.spec.source
     heal_latency = summary([h[0] for h in heals])
     floor = summary(floors)
@@ -218,11 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         "heal_to_floor_ratio": ratio,
         "failover_downtime_s": downtime,
         "failover_beyond_payload_start_s": beyond,
+        **_handover_report(handovers, payload.description, args.runs, figures_only=True),
         "targets": TARGETS,
         "met": {
             "heal_latency_median_s": heal_latency["median"] <= TARGETS["heal_latency_median_s"],
             "heal_to_floor_ratio": ratio <= TARGETS["heal_to_floor_ratio"],
             "failover_beyond_payload_start_s": beyond["median"] <= TARGETS["failover_beyond_payload_start_s"],
+            "handover_gap_s": statistics.median(v.gap_seconds for v in handovers)
+            <= TARGETS["handover_gap_s"],
         },
         "notes": {
             "failover_downtime_s": "includes the lab booting the replacement (namespace, moto, service);"
@@ -233,6 +281,32 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _handover_report(
+    views: list[handover.ClientView], description: str, runs: int, *, figures_only: bool = False
+) -> dict[str, Any]:
+    """The handover figures; alone (`--only handover`) with what was run and the target."""
+    gap = summary([v.gap_seconds for v in views])
+    figures = {
+        "handover_gap_s": gap,
+        "handover_switch_s": summary([v.switch_seconds for v in views]),
+        "handover_unanswered_polls": [v.unanswered for v in views],
+    }
+    if figures_only:
+        return figures
+    return {
+        "payload": description,
+        "runs": runs,
+        **figures,
+        "target": {"handover_gap_s": TARGETS["handover_gap_s"]},
+        "met": {"handover_gap_s": gap["median"] <= TARGETS["handover_gap_s"]},
+        "notes": {
+            "handover_gap_s": "time without an answer beyond the 50 ms poll cadence while the address "
+            "moves once (0: no poll went unanswered)",
+            "handover_switch_s": "from the last poll the old instance answered to the first the new one did",
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aws_cdk import App, Tags, Validations
+from aws_cdk import Stage, Tags, Validations
 from cdk_nag import AwsSolutionsChecks
 
-from stacks import nag
-from stacks.bundle import BundleInfo, build_bundle
-from stacks.config import EGRESS_INTERFACE_ENDPOINTS, EGRESS_IPV6, EGRESS_NAT_INSTANCES, AppConfig
-from stacks.healing_service import HealingServiceStack
-from stacks.network import NetworkStack
+from . import nag
+from .bundle import BundleInfo, build_bundle
+from .config import EGRESS_INTERFACE_ENDPOINTS, EGRESS_IPV6, EGRESS_NAT_INSTANCES, AppConfig
+from .healing_service import HealingServiceStack
+from .network import NetworkStack
 
 NETWORK_DESCRIPTIONS = {
     EGRESS_NAT_INSTANCES: (
@@ -31,8 +31,9 @@ class Stacks:
     bundle: BundleInfo
 
 
-def build(app: App, config: AppConfig, *, checks: bool = True, bundle: BundleInfo | None = None) -> Stacks:
-    """Add the network stack and one stack per service to `app`; with `checks`, cdk-nag too.
+def build(app: Stage, config: AppConfig, *, checks: bool = True, bundle: BundleInfo | None = None) -> Stacks:
+    """Add the network stack and one stack per service to `app` (an App, or a Stage of a pipeline, which
+    prefixes the stacks' names with its own); with `checks`, cdk-nag runs on `app` at synth.
 
     Every service installs the same payload `bundle`; when none is given, it is built (or taken from the
     cache under build/) once, for `config.payload_python_version`. May raise `stacks.bundle.BundleError`.
@@ -59,7 +60,9 @@ def build(app: App, config: AppConfig, *, checks: bool = True, bundle: BundleInf
         services.append(stack)
     built = Stacks(network=network, services=tuple(services), bundle=bundle)
     Tags.of(app).add("eip-reclaim:app", config.stack_prefix)
+    # Acknowledgements only annotate the constructs: always, so that an app that runs cdk-nag itself (a
+    # pipeline's, once at its root) sees them too.
+    nag.acknowledge(built.network, built.services)
     if checks:
-        nag.acknowledge(built.network, built.services)
         Validations.of(app).add_plugins(AwsSolutionsChecks(app, verbose=True))
     return built

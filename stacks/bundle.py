@@ -19,11 +19,19 @@ from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any, TextIO
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PAYLOAD_DIR = REPO_ROOT / "bootstrap"
-DEFAULT_UNITS_DIR = REPO_ROOT / "deploy" / "systemd"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# An installed wheel carries the payload, its pins and its units as package data here (pyproject.toml);
+# a checkout has them at the top of the repository.
+SHIPPED_DIR = _PACKAGE_DIR / "_payload"
+INSTALLED = SHIPPED_DIR.is_dir()
+REPO_ROOT = _PACKAGE_DIR.parent
+DEFAULT_PAYLOAD_DIR = SHIPPED_DIR / "bootstrap" if INSTALLED else REPO_ROOT / "bootstrap"
+DEFAULT_UNITS_DIR = SHIPPED_DIR / "systemd" if INSTALLED else REPO_ROOT / "deploy" / "systemd"
 # build/ is git-ignored: the cache survives between synths and test runs, never lands in a commit.
 DEFAULT_OUT_DIR = REPO_ROOT / "build"
+# Installed, site-packages may be read-only and is shared: the cache goes under the CDK app's working
+# directory instead (the CLI runs the app in the project's directory, beside cdk.out).
+INSTALLED_OUT_DIR = Path("build", "eip-reclaim")
 
 # Amazon Linux 2023's system python3.
 DEFAULT_PYTHON_VERSION = "3.9"
@@ -126,9 +134,15 @@ class BundleInfo:
     input_hash: str
 
 
+def default_out_dir() -> Path:
+    """Where bundles are cached: build/ in a checkout, build/eip-reclaim/ under the working directory
+    for an installed package."""
+    return Path.cwd() / INSTALLED_OUT_DIR if INSTALLED else DEFAULT_OUT_DIR
+
+
 def build_bundle(
     *,
-    out_dir: Path = DEFAULT_OUT_DIR,
+    out_dir: Path | None = None,
     python_version: str = DEFAULT_PYTHON_VERSION,
     payload_dir: Path = DEFAULT_PAYLOAD_DIR,
     requirements: Path | None = None,
@@ -138,9 +152,11 @@ def build_bundle(
 ) -> BundleInfo:
     """Return the bundle for these inputs, building it only when no bundle of the same inputs is cached.
 
-    ``requirements`` defaults to ``<payload_dir>/requirements.txt``. Progress goes to ``log`` (stderr).
+    ``requirements`` defaults to ``<payload_dir>/requirements.txt``, ``out_dir`` to `default_out_dir()`.
+    Progress goes to ``log`` (stderr).
     """
     log = log if log is not None else sys.stderr
+    out_dir = out_dir if out_dir is not None else default_out_dir()
     requirements = requirements if requirements is not None else payload_dir / "requirements.txt"
     payload_files = _payload_files(payload_dir)
     unit_files = _unit_files(units_dir)
@@ -479,7 +495,7 @@ def _describe(path: Path, input_hash: str) -> BundleInfo:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stacks.bundle``: build (or find) the bundle and print what it is."""
     parser = argparse.ArgumentParser(prog="python -m stacks.bundle", description=__doc__)
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--python-version", default=DEFAULT_PYTHON_VERSION)
     args = parser.parse_args(argv)
     try:

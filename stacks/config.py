@@ -53,10 +53,17 @@ INTERFACE_ENDPOINT_SERVICES = ("ec2", "autoscaling", "cloudformation", "monitori
 ENDPOINT_NAMES = ("s3", *INTERFACE_ENDPOINT_SERVICES)
 # The keys that describe a VPC the app creates; a team's own VPC is described by the others.
 _NEW_VPC_KEYS = ("cidr", "az_count", "subnet_prefix_length")
-# An SNS topic ARN in any partition: arn:<partition>:sns:<region>:<12-digit account>:<name>.
+# How a service's instance is replaced (deploys, health replacements): the design's group of exactly
+# one instance, or a second one for the minutes of a handover (docs/deploy.md, "Choosing the handover").
+HANDOVER_TERMINATE_FIRST = "terminate-first"
+HANDOVER_LAUNCH_FIRST = "launch-first"
+HANDOVER_CHOICES = (HANDOVER_TERMINATE_FIRST, HANDOVER_LAUNCH_FIRST)
 # An absolute URL path without whitespace, as the payload's health_check.path accepts it.
 _URL_PATH = re.compile(r"^/\S*$")
+# An SNS topic ARN in any partition: arn:<partition>:sns:<region>:<12-digit account>:<name>.
 _TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z]{2}(-[a-z]+)+-\d+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
+# HTTPS's port: a health check with a path there speaks TLS unless told otherwise.
+_HTTPS_PORT = 443
 
 
 class ConfigError(ValueError):
@@ -138,6 +145,16 @@ class HealthCheckConfig:
     failures: int = 3
     # No probe until the service has had this long since its instance took the address.
     grace_seconds: int = 60
+    # The HTTP probe over TLS (certificate not verified: the probe asks whether the service answers,
+    # not who it is); a path on port 443 without it would probe a TLS server in plain HTTP and fail.
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class SpotConfig:
+    """Spot capacity for a service: the instance types it may run on, all of one architecture."""
+
+    instance_types: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -154,10 +171,23 @@ class ServiceConfig:
     warm_pool: bool = False
     # The watchdog: None leaves detection to EC2's status checks.
     health_check: HealthCheckConfig | None = None
+    # terminate-first: exactly one instance, always; launch-first: a second one while one replaces another.
+    handover: str = HANDOVER_TERMINATE_FIRST
+    # Spot instead of on-demand (needs launch-first): None runs `instance_type` on demand.
+    spot: SpotConfig | None = None
+
+    @property
+    def launch_type(self) -> str:
+        """The launch template's instance type: the first Spot type with `spot`, else `instance_type`."""
+        return self.spot.instance_types[0] if self.spot is not None else self.instance_type
 
     @property
     def is_arm64(self) -> bool:
-        return is_graviton(self.instance_type)
+        return is_graviton(self.launch_type)
+
+    @property
+    def launches_first(self) -> bool:
+        return self.handover == HANDOVER_LAUNCH_FIRST
 
     @property
     def adopts_address(self) -> bool:
@@ -416,6 +446,8 @@ def _service(raw: object, key: str) -> ServiceConfig:
     warm_pool = _boolean(obj.get("warm_pool", default.warm_pool), f"{key}.warm_pool")
     health_raw = obj.get("health_check")
     health = None if health_raw is None else _health_check(health_raw, f"{key}.health_check")
+    handover = _choice(obj.get("handover", default.handover), f"{key}.handover", HANDOVER_CHOICES)
+    spot = None if obj.get("spot") is None else _spot(obj, key, handover=handover, warm_pool=warm_pool)
     return ServiceConfig(
         name=name,
         instance_type=instance_type,
@@ -425,7 +457,48 @@ def _service(raw: object, key: str) -> ServiceConfig:
         root_volume_gib=root,
         warm_pool=warm_pool,
         health_check=health,
+        handover=handover,
+        spot=spot,
     )
+
+
+def _spot(obj: Mapping[str, Any], key: str, *, handover: str, warm_pool: bool) -> SpotConfig:
+    """`spot`: two or more instance types of one architecture, for a launch-first group without a pool."""
+    spot_key = f"{key}.spot"
+    raw = _object(obj["spot"], spot_key, required={"instance_types"}, optional=set())
+    if handover != HANDOVER_LAUNCH_FIRST:
+        raise ConfigError(
+            spot_key,
+            f'requires {key}.handover "{HANDOVER_LAUNCH_FIRST}" (Capacity Rebalancing launches the '
+            "replacement before the interrupted instance goes)",
+        )
+    if warm_pool:
+        raise ConfigError(
+            spot_key, "not with warm_pool: Auto Scaling has no warm pool for Spot or mixed instances"
+        )
+    if "instance_type" in obj:
+        raise ConfigError(
+            f"{key}.instance_type", f"with spot the instance types are {spot_key}.instance_types: remove it"
+        )
+    types_key = f"{spot_key}.instance_types"
+    types_raw = raw["instance_types"]
+    if not isinstance(types_raw, list):
+        raise ConfigError(types_key, f"expected a list of instance types, got {_kind(types_raw)}")
+    if len(types_raw) < 2:
+        raise ConfigError(
+            types_key,
+            f"{len(types_raw)} type(s): give two or more, so a Spot shortage of one type is not an outage",
+        )
+    types = tuple(_instance_type(t, f"{types_key}[{i}]") for i, t in enumerate(types_raw))
+    _unique(list(types), types_key, None)
+    for i, instance_type in enumerate(types):
+        if is_graviton(instance_type) != is_graviton(types[0]):
+            raise ConfigError(
+                f"{types_key}[{i}]",
+                f"{instance_type!r} is not of {types[0]!r}'s architecture: one image serves every type "
+                "(all arm64 or all x86_64)",
+            )
+    return SpotConfig(instance_types=types)
 
 
 def _health_check(raw: object, key: str) -> HealthCheckConfig:
@@ -445,7 +518,16 @@ def _health_check(raw: object, key: str) -> HealthCheckConfig:
     grace = _integer(obj.get("grace_seconds", default.grace_seconds), f"{key}.grace_seconds")
     if not 0 <= grace <= 3600:
         raise ConfigError(f"{key}.grace_seconds", f"{grace} must be from 0 to 3600 seconds")
-    return HealthCheckConfig(port=port, path=path, failures=failures, grace_seconds=grace)
+    tls = _boolean(obj.get("tls", default.tls), f"{key}.tls")
+    if tls and path is None:
+        raise ConfigError(f"{key}.tls", "applies to the HTTP probe: give a path as well")
+    if path is not None and port == _HTTPS_PORT and not tls:
+        raise ConfigError(
+            f"{key}.tls",
+            f'a path on port {_HTTPS_PORT} is probed in plain HTTP unless "tls": true (a TLS server fails '
+            "every such probe and its instance is replaced in a loop)",
+        )
+    return HealthCheckConfig(port=port, path=path, failures=failures, grace_seconds=grace, tls=tls)
 
 
 def _warm_pool_reaches_auto_scaling(network: NetworkConfig, services: Sequence[ServiceConfig]) -> None:

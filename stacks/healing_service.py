@@ -10,13 +10,13 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from stacks.bundle import BundleInfo
-from stacks.config import ServiceConfig
-from stacks.launch_hook import hold_launches
-from stacks.monitoring import METRICS_NAMESPACE, ServiceAlarms
-from stacks.network import Network
-from stacks.payload_config import DEADLINE_SECONDS, payload_config
-from stacks.user_data import payload_user_data
+from .bundle import BundleInfo
+from .config import ServiceConfig
+from .launch_hook import hold_launches
+from .monitoring import METRICS_NAMESPACE, ServiceAlarms
+from .payload_config import DEADLINE_SECONDS, payload_config
+from .service_network import ServiceNetwork
+from .user_data import payload_user_data
 
 # The tag that names a service on its instances (for people and cost reports; IAM relies on the
 # reserved aws:autoscaling:groupName instead, which no one can set by hand).
@@ -34,10 +34,20 @@ BOOT_ALLOWANCE_SECONDS = 120
 # The boot unit's RestartSec (deploy/systemd/eip-reclaim.service); a test keeps the two equal.
 UNIT_RESTART_SECONDS = 30
 HOOK_HEARTBEAT = Duration.seconds(BOOT_ALLOWANCE_SECONDS + 2 * (DEADLINE_SECONDS + UNIT_RESTART_SECONDS))
-# Room for the one extra instance of a launch-before-terminate update; desired capacity stays 1.
-UPDATE_MAX_SIZE = 2
-# The warm pool: one stopped instance. Its size would default to MaxSize - desired (1 here only by
-# the update's headroom); its own minimum and the prepared capacity say it outright. The same launch
+# The design's group: exactly one instance (min = max = desired = 1). With handover "launch-first" the
+# group may hold a second one while one replaces the other (a deploy, a health replacement, a Spot
+# rebalance); the desired capacity stays 1 and nothing scales it.
+GROUP_SIZE = 1
+LAUNCH_FIRST_MAX_SIZE = 2
+# An instance maintenance policy, as percentages of the desired capacity (1): launch-first keeps the
+# unhealthy instance until its replacement is in service (100) and allows one more beside it (200).
+LAUNCH_FIRST_HEALTHY_PERCENTAGES = (100, 200)
+# An instance refresh (the warm pool's update policy) that terminates first: none kept, none extra.
+TERMINATE_FIRST_HEALTHY_PERCENTAGES = (0, 100)
+# Spot: the cheapest pools with the least risk of interruption, and no on-demand base.
+SPOT_ALLOCATION = autoscaling.SpotAllocationStrategy.PRICE_CAPACITY_OPTIMIZED
+# The warm pool: one stopped instance. Its size would default to MaxSize - desired (0 or 1 by the
+# handover); its own minimum and the prepared capacity say it outright. The same launch
 # hook holds it twice, on the way into the pool (first boot: install, byte-compile, CONTINUE) and on
 # the way out (a start: the payload claims): each transition is its own action with the hook's full
 # window, and the first boot, the longer of the two, is the one HOOK_HEARTBEAT is sized for.
@@ -76,7 +86,7 @@ class HealingGroup(Construct):
         construct_id: str,
         *,
         config: ServiceConfig,
-        network: Network,
+        network: ServiceNetwork,
         address: ElasticAddress,
         bundle: BundleInfo,
         group_name: str,
@@ -169,7 +179,7 @@ class HealingGroup(Construct):
             description=f"eip-reclaim {config.name}: the service ports",
             allow_all_outbound=True,
             # In an IPv6 network the EC2 API is reached over IPv6 before the address is claimed.
-            allow_all_ipv6_outbound=network.config.payload_dualstack,
+            allow_all_ipv6_outbound=network.payload_dualstack,
         )
         for port in config.ingress_ports:
             self.security_group.add_ingress_rule(
@@ -200,7 +210,7 @@ class HealingGroup(Construct):
             self,
             "LaunchTemplate",
             machine_image=ec2.MachineImage.latest_amazon_linux2023(cpu_type=cpu),
-            instance_type=ec2.InstanceType(config.instance_type),
+            instance_type=ec2.InstanceType(config.launch_type),
             role=self.role,
             security_group=self.security_group,
             user_data=self.user_data,
@@ -223,7 +233,7 @@ class HealingGroup(Construct):
             ],
         )
 
-        if network.config.payload_dualstack:
+        if network.payload_dualstack:
             cfn_template = self.launch_template.node.default_child
             assert isinstance(cfn_template, ec2.CfnLaunchTemplate)
             # Escape hatch: LaunchTemplate has no IPv6 property. One IPv6 address on the primary
@@ -231,17 +241,26 @@ class HealingGroup(Construct):
             # Elastic IP (IMDS stays on IPv4).
             cfn_template.add_property_override("LaunchTemplateData.NetworkInterfaces.0.Ipv6AddressCount", 1)
 
+        # The alarms exist before the group: a warm pool's deploy (an instance refresh) watches `Abandoned`.
+        self.alarms = ServiceAlarms(
+            self, "Alarms", service=config.name, group_name=group_name, topic=network.alert_topic
+        )
         self.group = autoscaling.AutoScalingGroup(
             self,
             "Group",
             vpc=network.vpc,
             vpc_subnets=ec2.SubnetSelection(subnets=network.public_subnets),
-            launch_template=self.launch_template,
-            # One instance is the steady state. MaxSize 2 is room for one update only: CloudFormation
-            # launches first only when MinInstancesInService < MaxSize (docs/deploy.md).
-            min_capacity=1,
-            max_capacity=UPDATE_MAX_SIZE,
-            desired_capacity=1,
+            # With Spot the template is named by the mixed instances policy instead.
+            launch_template=None if config.spot else self.launch_template,
+            mixed_instances_policy=_spot_policy(config, self.launch_template),
+            # Capacity Rebalancing: on a rebalance recommendation Auto Scaling launches the replacement,
+            # whose payload takes the address, before the old Spot instance is interrupted.
+            capacity_rebalance=True if config.spot else None,
+            # One instance is the steady state; launch-first allows a second one only for a handover.
+            # CloudFormation launches first in a rolling update only when MinInstancesInService < MaxSize.
+            min_capacity=GROUP_SIZE,
+            max_capacity=LAUNCH_FIRST_MAX_SIZE if config.launches_first else GROUP_SIZE,
+            desired_capacity=GROUP_SIZE,
             # Named, not generated: the role's policy and the user data name the group, and a generated
             # name would make the group depend on its own launch template's user data.
             auto_scaling_group_name=group_name,
@@ -251,25 +270,27 @@ class HealingGroup(Construct):
             # whose instance cannot take its address fails and rolls back. CDK grants the role
             # cloudformation:SignalResource on exactly this stack's id (the action has no finer type).
             signals=autoscaling.Signals.wait_for_count(1, timeout=HOOK_HEARTBEAT),
-            # A deploy that changes the launch template rolls the group in place (its fixed name rules
-            # out a replacing update): the new instance comes up beside the old one and takes the
-            # address (the payload's yield rule covers the overlap), its SUCCESS lets CloudFormation
-            # terminate the old one, and the group is back at one instance.
-            update_policy=autoscaling.UpdatePolicy.rolling_update(
-                max_batch_size=1,
-                min_instances_in_service=1,
-                pause_time=HOOK_HEARTBEAT,
-                wait_on_resource_signals=True,
-            ),
+            update_policy=_update_policy(config, self.alarms),
         )
+        cfn_group = self.group.node.default_child
+        assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
+        if config.launches_first:
+            # Escape hatch: the L2 group has no instance maintenance policy. Health replacements (status
+            # checks, the watchdog's SetInstanceHealth) then launch the new instance first and terminate
+            # the unhealthy one once the new one is in service (its launch hook completed: it holds the
+            # address), as the rolling update does for deploys.
+            minimum, maximum = LAUNCH_FIRST_HEALTHY_PERCENTAGES
+            cfn_group.instance_maintenance_policy = (
+                autoscaling.CfnAutoScalingGroup.InstanceMaintenancePolicyProperty(
+                    min_healthy_percentage=minimum, max_healthy_percentage=maximum
+                )
+            )
         Tags.of(self.group).add(SERVICE_TAG, config.name, apply_to_launched_instances=True)
         self.warm_pool: autoscaling.WarmPool | None = None
         if config.warm_pool:
             # Stopped, not running: a Warmed:Running instance would enter service without a boot, and the
-            # payload (a boot unit) would never claim. A rolling update replaces in-service instances
-            # only: the pool keeps an instance of the previous launch template version until it is used
-            # or replaced, and the payload's yield rule (template version first) keeps that one from
-            # taking the address from a current member (docs/failover.md).
+            # payload (a boot unit) would never claim. A deploy refreshes the pool's instance too (with a
+            # pool the group's update policy is an instance refresh: _update_policy).
             self.warm_pool = self.group.add_warm_pool(
                 min_size=WARM_POOL_SIZE,
                 max_group_prepared_capacity=WARM_POOL_SIZE + 1,
@@ -277,14 +298,12 @@ class HealingGroup(Construct):
                 reuse_on_scale_in=False,
             )
         hold_launches(self.group, name=LIFECYCLE_HOOK_NAME, timeout_seconds=int(HOOK_HEARTBEAT.to_seconds()))
-        cfn_group = self.group.node.default_child
-        assert isinstance(cfn_group, autoscaling.CfnAutoScalingGroup)
         # The payload's configuration file (DESIGN.md); subnet ids, the address and the stack name stay
         # CloudFormation expressions until deploy.
         self.payload_config = payload_config(
             allocation_id=address.allocation_id,
-            egress=network.config.payload_egress,
-            dualstack=network.config.payload_dualstack,
+            egress=network.payload_egress,
+            dualstack=network.payload_dualstack,
             nat_by_subnet=network.nat_by_subnet,
             auto_scaling_group=group_name,
             lifecycle_hook=LIFECYCLE_HOOK_NAME,
@@ -299,9 +318,61 @@ class HealingGroup(Construct):
         payload_user_data(
             self, bundle=bundle, config=self.payload_config, role=self.role, into=self.user_data
         )
-        self.alarms = ServiceAlarms(
-            self, "Alarms", service=config.name, group_name=group_name, topic=network.alerts.topic
+
+
+def _update_policy(config: ServiceConfig, alarms: ServiceAlarms) -> autoscaling.UpdatePolicy:
+    """How a deploy that changes the launch template replaces the instance.
+
+    Without a warm pool: a rolling update of one instance that waits for the payload's SUCCESS, so a
+    deploy whose new instance cannot take the address fails and rolls back. Terminate-first
+    (MinInstancesInService 0 < MaxSize 1): the old instance goes, then the new one boots. Launch-first
+    (1 < MaxSize 2): the new one boots beside the old one and takes the address, then the old one goes.
+
+    With a warm pool a rolling update would replace the in-service instance only and leave the pool's
+    on the old launch template version, to serve after the next failover; an instance refresh replaces
+    the in-service instance and then the pool's. It waits for the launch hook (the payload's CONTINUE
+    after the claim) instead of a signal, and fails, rolling the stack back, when the `Abandoned` alarm
+    fires.
+    """
+    if config.warm_pool:
+        minimum, maximum = (
+            LAUNCH_FIRST_HEALTHY_PERCENTAGES if config.launches_first else TERMINATE_FIRST_HEALTHY_PERCENTAGES
         )
+        return autoscaling.UpdatePolicy.instance_refresh(
+            strategy=autoscaling.InstanceRefreshStrategy.ROLLING,
+            min_healthy_percentage=minimum,
+            max_healthy_percentage=maximum,
+            # Only instances of an older configuration are replaced: a deploy without a launch template
+            # change leaves the instance and the pool alone.
+            skip_matching=True,
+            alarms=[alarms.abandoned],
+        )
+    return autoscaling.UpdatePolicy.rolling_update(
+        max_batch_size=1,
+        min_instances_in_service=1 if config.launches_first else 0,
+        pause_time=HOOK_HEARTBEAT,
+        wait_on_resource_signals=True,
+    )
+
+
+def _spot_policy(
+    config: ServiceConfig, template: ec2.LaunchTemplate
+) -> autoscaling.MixedInstancesPolicy | None:
+    """Spot only (no on-demand base or share), over the configured types, cheapest pools of low risk."""
+    if config.spot is None:
+        return None
+    return autoscaling.MixedInstancesPolicy(
+        launch_template=template,
+        launch_template_overrides=[
+            autoscaling.LaunchTemplateOverrides(instance_type=ec2.InstanceType(t))
+            for t in config.spot.instance_types
+        ],
+        instances_distribution=autoscaling.InstancesDistribution(
+            on_demand_base_capacity=0,
+            on_demand_percentage_above_base_capacity=0,
+            spot_allocation_strategy=SPOT_ALLOCATION,
+        ),
+    )
 
 
 def _health_checks(config: ServiceConfig) -> autoscaling.HealthChecks | None:
@@ -327,7 +398,7 @@ class HealingServiceStack(Stack):
         construct_id: str,
         *,
         config: ServiceConfig,
-        network: Network,
+        network: ServiceNetwork,
         bundle: BundleInfo,
         **kwargs: Any,
     ) -> None:

@@ -13,7 +13,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from stacks.nat import in_service_alarm
+from .nat import in_service_alarm
 
 # The payload's CloudWatch namespace and its metrics (docs/payload.md): written by the payload with the
 # dimension Service=<service name>.
@@ -62,34 +62,21 @@ class Alerts(Construct):
         )
         self.topic: sns.ITopic
         if topic_arn is not None:
-            # The team's own topic: its policy must already let CloudWatch and EventBridge publish.
+            # The team's own topic: its policy and key must already admit both publishers as below
+            # (docs/configuration.md, `alarm_topic_arn`).
             self.topic = sns.Topic.from_topic_arn(self, "Topic", topic_arn)
         else:
             topic = sns.Topic(
                 self, "Topic", display_name="eip-reclaim alerts", master_key=self.key, enforce_ssl=True
             )
-            # Alarms and EventBridge publish to an encrypted topic only with the key's data-key actions.
-            self.key.add_to_resource_policy(
-                iam.PolicyStatement(
-                    sid="AlarmsAndEventsPublishToTheTopic",
-                    principals=[
-                        iam.ServicePrincipal("cloudwatch.amazonaws.com"),
-                        iam.ServicePrincipal("events.amazonaws.com"),
-                    ],
-                    actions=["kms:Decrypt", "kms:GenerateDataKey*"],
-                    resources=["*"],
-                    conditions={"StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID}},
-                )
-            )
-            topic.add_to_resource_policy(
-                iam.PolicyStatement(
-                    sid="EventBridgeRulesOfThisAccount",
-                    principals=[iam.ServicePrincipal("events.amazonaws.com")],
-                    actions=["sns:Publish"],
-                    resources=[topic.topic_arn],
-                    conditions={"StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID}},
-                )
-            )
+            # The topic policy CloudFormation writes replaces the topic's default one, which is what
+            # lets same-account publishers in: each publisher needs its own statement here, and on the
+            # key, since SNS generates the data key on the publisher's behalf (docs/aws-facts.md,
+            # section "Alerts").
+            for statement in publisher_topic_statements(topic.topic_arn):
+                topic.add_to_resource_policy(statement)
+            for statement in publisher_key_statements():
+                self.key.add_to_resource_policy(statement)
             self.topic = topic
         self.dashboard = cloudwatch.Dashboard(self, "Dashboard", default_interval=Duration.days(7))
         # SEARCH finds every service's series, including services added after this stack was deployed.
@@ -100,6 +87,56 @@ class Alerts(Construct):
             ),
             _search_graph("Abandoned launches, per service", ABANDONED, "Sum", left_label="abandoned"),
         )
+
+
+def this_accounts_alarms() -> str:
+    """Every CloudWatch alarm of this account in this region: the alarms live in several stacks (the
+    network's NATs, each service), some deployed after the topic, so no list of alarm ARNs can name them."""
+    return f"arn:{Aws.PARTITION}:cloudwatch:{Aws.REGION}:{Aws.ACCOUNT_ID}:alarm:*"
+
+
+def publisher_topic_statements(topic_arn: str) -> list[iam.PolicyStatement]:
+    """The topic policy's grants to the two publishers: CloudWatch alarms of this account (aws-facts:
+    alerts-cloudwatch-topic) and EventBridge rules, whose statement must carry no Condition at all
+    (aws-facts: alerts-eventbridge-topic)."""
+    return [
+        iam.PolicyStatement(
+            sid="CloudWatchAlarmsOfThisAccount",
+            principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+            actions=["sns:Publish"],
+            resources=[topic_arn],
+            conditions={"ArnLike": {"aws:SourceArn": this_accounts_alarms()}},
+        ),
+        iam.PolicyStatement(
+            sid="EventBridgeRules",
+            principals=[iam.ServicePrincipal("events.amazonaws.com")],
+            actions=["sns:Publish"],
+            resources=[topic_arn],
+        ),
+    ]
+
+
+def publisher_key_statements() -> list[iam.PolicyStatement]:
+    """The key policy's grants that let SNS encrypt what each publisher sends: CloudWatch scoped to this
+    account's alarms (aws-facts: alerts-cloudwatch-key); EventBridge exactly as the SNS guide gives it,
+    without aws:SourceAccount or aws:SourceArn, which SNS does not support for EventBridge (aws-facts:
+    alerts-eventbridge-key)."""
+    actions = ["kms:Decrypt", "kms:GenerateDataKey*"]
+    return [
+        iam.PolicyStatement(
+            sid="CloudWatchAlarmsOfThisAccountPublish",
+            principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+            actions=actions,
+            resources=["*"],
+            conditions={"ArnLike": {"aws:SourceArn": this_accounts_alarms()}},
+        ),
+        iam.PolicyStatement(
+            sid="EventBridgeRulesPublish",
+            principals=[iam.ServicePrincipal("events.amazonaws.com")],
+            actions=actions,
+            resources=["*"],
+        ),
+    ]
 
 
 def _search_graph(title: str, metric: str, statistic: str, *, left_label: str) -> cloudwatch.GraphWidget:

@@ -13,7 +13,7 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
-from aws_cdk import ArnFormat, Aws, Duration, Stack
+from aws_cdk import ArnFormat, Aws, Duration, Stack, Token
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
@@ -22,7 +22,9 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from stacks.launch_hook import hold_launches
+from . import nag
+from .config import is_graviton
+from .launch_hook import hold_launches
 
 # AWS reserves the first four addresses of every subnet (network, router, DNS, future use): the fifth
 # is the first an interface can hold, and it depends only on the subnet's CIDR, so the maps in user data
@@ -43,6 +45,8 @@ _STATUS_CHECK_PERIODS = 3
 # Where the stable interface goes: the primary (index 0) is the instance's own, with its public IPv4.
 STABLE_DEVICE_INDEX = 1
 LIFECYCLE_HOOK_NAME = "eip-reclaim-nat-launch"
+# The smallest Graviton type: a NAT for one instance's API calls and its own traffic.
+DEFAULT_INSTANCE_TYPE = "t4g.nano"
 # A NAT boots, installs iptables (retried), attaches the interface and waits for the OS to configure it:
 # a few minutes at worst. Past the window the hook's default (ABANDON) replaces it.
 NAT_READY_TIMEOUT = Duration.minutes(10)
@@ -161,8 +165,16 @@ if ! command -v iptables-restore >/dev/null; then
   retry dnf install -y iptables-nft
 fi
 sh ${network_script}
-# Replies to forwarded traffic leave the primary interface with the destination's source address.
-retry aws ec2 modify-instance-attribute --instance-id "$$instance" --no-source-dest-check
+# Replies to forwarded traffic leave the primary interface with the destination's source address: its
+# source/dest check goes off, by the interface's id (with the stable interface attached, as at every
+# boot after the first, EC2 refuses the instance-wide call). Already off: no call.
+mac="$$(retry imds mac)"
+primary="$$(retry imds "network/interfaces/macs/$$mac/interface-id")"
+checked="$$(retry aws ec2 describe-network-interfaces --network-interface-ids "$$primary" \\
+  --query 'NetworkInterfaces[0].SourceDestCheck' --output text)"
+if [ "$$checked" != "False" ]; then
+  retry aws ec2 modify-network-interface-attribute --network-interface-id "$$primary" --no-source-dest-check
+fi
 
 attached="$$(retry aws ec2 describe-network-interfaces --network-interface-ids "$$ENI" \\
   --query 'NetworkInterfaces[0].Attachment.[InstanceId,AttachmentId]' --output text)"
@@ -300,6 +312,7 @@ class NatInstance(Construct):
             resource_name=f"*:autoScalingGroupName/{group_name}",
             arn_format=ArnFormat.COLON_RESOURCE_NAME,
         )
+        subnet_arn = stack.format_arn(service="ec2", resource="subnet", resource_name=subnet.subnet_id)
         own_instances = {"StringEquals": {"aws:ResourceTag/aws:autoscaling:groupName": group_name}}
         self.role = iam.Role(
             self,
@@ -322,12 +335,25 @@ class NatInstance(Construct):
                             resources=[self.interface_arn],
                         ),
                         iam.PolicyStatement(
+                            sid="SourceDestCheckInItsSubnet",
+                            # The primary interface's id is known only at boot: interfaces of this NAT's
+                            # subnet, and (statement below) only while attached to this group's instances.
+                            # EC2 offers no condition key that names the attribute changed.
+                            actions=["ec2:ModifyNetworkInterfaceAttribute"],
+                            resources=[
+                                stack.format_arn(
+                                    service="ec2", resource="network-interface", resource_name="*"
+                                )
+                            ],
+                            conditions={"ArnEquals": {"ec2:Subnet": subnet_arn}},
+                        ),
+                        iam.PolicyStatement(
                             sid="OnlyBetweenThisGroupsInstances",
                             # The reserved tag only Auto Scaling sets: no one can tag their way in.
                             actions=[
                                 "ec2:AttachNetworkInterface",
                                 "ec2:DetachNetworkInterface",
-                                "ec2:ModifyInstanceAttribute",
+                                "ec2:ModifyNetworkInterfaceAttribute",
                             ],
                             resources=[
                                 stack.format_arn(service="ec2", resource="instance", resource_name="*")
@@ -479,16 +505,26 @@ class StableNatProvider(ec2.NatProvider):
     """Gives a VPC one `NatInstance` per AZ and routes the private subnets to its stable interface.
 
     The VPC calls `configure_nat` once with its public and private subnets; `instances` then holds
-    one NAT per public subnet.
+    one NAT per public subnet. Every argument has a default: ``ec2.Vpc(...,
+    nat_gateway_provider=StableNatProvider())`` gives t4g.nano NATs that admit the VPC's own block,
+    in groups named after the stack, with alarms but no alarm action unless `topic` is given.
     """
 
     def __init__(
-        self, *, vpc_cidr: str, instance_type: str, arm64: bool, group_prefix: str, topic: sns.ITopic | None
+        self,
+        *,
+        instance_type: str = DEFAULT_INSTANCE_TYPE,
+        vpc_cidr: str | None = None,
+        arm64: bool | None = None,
+        group_prefix: str | None = None,
+        topic: sns.ITopic | None = None,
     ) -> None:
         super().__init__()
+        # None: the VPC's own block (a CloudFormation reference), the image's CPU from the instance
+        # type, and the stack's name (one provider per stack; the group names must be unique).
         self._vpc_cidr = vpc_cidr
         self._instance_type = instance_type
-        self._arm64 = arm64
+        self._arm64 = arm64 if arm64 is not None else is_graviton(instance_type)
         self._group_prefix = group_prefix
         self._topic = topic
         self.instances: list[NatInstance] = []
@@ -518,6 +554,8 @@ class StableNatProvider(ec2.NatProvider):
         `under_subnets` puts each NAT under its subnet's construct instead (a VPC the app creates: the
         logical IDs the deployed NATs have always had); a team's own subnets are references, not scopes.
         """
+        vpc_cidr = self._vpc_cidr if self._vpc_cidr is not None else vpc.vpc_cidr_block
+        group_prefix = self._group_prefix if self._group_prefix is not None else Stack.of(scope).stack_name
         self.security_group = ec2.SecurityGroup(
             scope,
             "NatSecurityGroup",
@@ -526,8 +564,10 @@ class StableNatProvider(ec2.NatProvider):
             allow_all_outbound=True,
         )
         self.security_group.add_ingress_rule(
-            ec2.Peer.ipv4(self._vpc_cidr), ec2.Port.all_traffic(), "forwarded traffic from inside the VPC"
+            ec2.Peer.ipv4(vpc_cidr), ec2.Port.all_traffic(), "forwarded traffic from inside the VPC"
         )
+        if Token.is_unresolved(vpc_cidr):
+            nag.acknowledge_vpc_block_ingress(self.security_group)
         for index, subnet in enumerate(nat_subnets):
             nat_scope, nat_id = (subnet, "Nat") if under_subnets else (scope, f"Nat{index + 1}")
             self.instances.append(
@@ -536,14 +576,16 @@ class StableNatProvider(ec2.NatProvider):
                     nat_id,
                     vpc=vpc,
                     subnet=subnet,
-                    vpc_cidr=self._vpc_cidr,
+                    vpc_cidr=vpc_cidr,
                     instance_type=self._instance_type,
                     arm64=self._arm64,
                     security_group=self.security_group,
-                    group_name=f"{self._group_prefix}-nat{index + 1}",
+                    group_name=f"{group_prefix}-nat{index + 1}",
                     topic=self._topic,
                 )
             )
+        # Each NAT carries its own cdk-nag acknowledgements, in the app's VPC or a team's.
+        nag.acknowledge_nats(self.instances)
 
     def configure_subnet(self, subnet: ec2.PrivateSubnet) -> None:
         nat = self._in_az(subnet.availability_zone)

@@ -9,12 +9,13 @@ from aws_cdk import CfnResource, Fn, ReferenceStrength, RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_events as events
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from stacks.config import EGRESS_IPV6, NetworkConfig
-from stacks.endpoints import ApiEndpoints
-from stacks.monitoring import Alerts, launch_failure_rule
-from stacks.nat import NatInstance, StableNatProvider
+from .config import EGRESS_IPV6, NetworkConfig
+from .endpoints import ApiEndpoints
+from .monitoring import Alerts, launch_failure_rule
+from .nat import NatInstance, StableNatProvider
 
 # CloudWatch Logs' retention periods by their length in days (the config speaks days).
 FLOW_LOG_RETENTION = {
@@ -221,6 +222,19 @@ class Network(Construct):
         if not by_az:
             return []
         return [(subnet, by_az[subnet.availability_zone]) for subnet in self.public_subnets]
+
+    # What a healing service reads of its network (stacks.service_network.ServiceNetwork).
+    @property
+    def payload_egress(self) -> str:
+        return self.config.payload_egress
+
+    @property
+    def payload_dualstack(self) -> bool:
+        return self.config.payload_dualstack
+
+    @property
+    def alert_topic(self) -> sns.ITopic:
+        return self.alerts.topic
 
 
 class NetworkStack(Stack):

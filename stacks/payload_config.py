@@ -8,8 +8,8 @@ from typing import Any
 from aws_cdk import Aws
 from aws_cdk import aws_ec2 as ec2
 
-from stacks.config import HealthCheckConfig
-from stacks.monitoring import METRICS_NAMESPACE
+from .config import HealthCheckConfig
+from .monitoring import METRICS_NAMESPACE
 
 CONFIG_VERSION = 1
 # The payload's own deadline for one run; the lifecycle hook's heartbeat must outlast it.
@@ -67,5 +67,8 @@ def payload_config(
             probe["path"] = health_check.path
         probe["failures"] = health_check.failures
         probe["grace_seconds"] = health_check.grace_seconds
+        if health_check.tls:
+            # Only when true: a payload that predates TLS probes keeps accepting every other probe.
+            probe["tls"] = True
         config["health_check"] = probe
     return config

@@ -14,7 +14,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
 
-from stacks.bundle import BundleInfo
+from .bundle import BundleInfo
 
 # Where the payload lives on the instance; the systemd units name the same paths.
 INSTALL_DIR = "/opt/eip-reclaim"

@@ -119,6 +119,50 @@ def test_vpn_style_half_routes_stop_the_run_at_once_naming_the_route(w: World) -
     assert f"(rule 32766: from all lookup main; route 128.0.0.0/1 via {lab.ROUTER}" in err, err
 
 
+# wg-quick's full-tunnel pattern: every unmarked packet to a table whose default route is the tunnel,
+# and the main table consulted first for anything more specific than a default route.
+WG_TABLE = "51820"
+WG_MARK = "0xca6c"
+
+
+def _wg_quick(w: World) -> None:
+    # The tunnel's interface (a veth stands in: the kernel's routing sees an interface, whatever its kind),
+    # IPv4 only, so no IPv6 route appears while the test compares tables.
+    w.inst.ip("link", "add", "wg0", "type", "veth", "peer", "name", "wg0-peer")
+    for link in ("wg0", "wg0-peer"):
+        w.inst.run("sysctl", "-qw", f"net.ipv6.conf.{link}.disable_ipv6=1")
+    w.inst.ip("addr", "add", "10.200.0.2/32", "dev", "wg0")
+    w.inst.ip("link", "set", "wg0-peer", "up")
+    w.inst.ip("link", "set", "wg0", "up")
+    # IMDS kept out of the tunnel, as an EC2 host running a full tunnel must: a host route is more
+    # specific than a default route, so the suppressing rule does not skip it.
+    w.inst.ip("route", "add", "169.254.169.254/32", "via", lab.ROUTER, "dev", lab.IFNAME)
+    w.inst.ip("route", "add", "default", "dev", "wg0", "table", WG_TABLE)
+    w.inst.ip("rule", "add", "not", "fwmark", WG_MARK, "table", WG_TABLE)
+    w.inst.ip("rule", "add", "table", "main", "suppress_prefixlength", "0")
+
+
+def test_wg_quick_bypasses_a_main_table_detour_and_the_run_stops_at_once(w: World) -> None:
+    """The detour's default route in main is suppressed (prefix length 0), so unmarked API traffic goes
+    to the tunnel's table: a real bypass, which the kernel's answer to the path check shows."""
+    _wg_quick(w)
+    err = _bypassed_quickly(w)
+    assert f"the API connection to {lab.API} would leave directly (no gateway) on interface index" in err, err
+    assert f"not the NAT {lab.NAT}; restoring" in err
+
+
+def test_wg_quick_does_not_bypass_the_policy_route_detour(w: World) -> None:
+    """The payload's mark rule (priority 100) comes before wg-quick's rules: its marked connections take
+    the NAT, and the run heals."""
+    _wg_quick(w)
+    rules_before = _rules(w)
+    code, _, err = w.run_payload(w.config(egress="policy-route"))
+    assert code == 0, err
+    assert w.holder() == w.ids["self"]
+    assert f"routes: the API connection to {lab.API} leaves via {lab.NAT}" in err, err
+    assert _rules(w) == rules_before
+
+
 # Runs inside a namespace: the same path questions to the kernel and to FakeNetlink.
 PATH_SCRIPT = r"""
 import json

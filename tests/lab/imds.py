@@ -19,6 +19,29 @@ TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 # Identity of one instance as IMDS tells it; keys as in `Identity` below.
 Identity = dict[str, Any]
 
+# The values Auto Scaling documents for autoscaling/target-lifecycle-state: the steady states an
+# instance is moving to (transitional states such as Warmed:Pending:Wait are never targets).
+# aws-facts: stand-in-imds-target-states
+TARGET_LIFECYCLE_STATES = (
+    "InService",
+    "Terminated",
+    "Detached",
+    "Standby",
+    "Warmed:Hibernated",
+    "Warmed:Running",
+    "Warmed:Stopped",
+    "Warmed:Terminated",
+)
+
+
+def target_lifecycle_state(value: str) -> str:
+    """`value` if AWS documents it as a target lifecycle state; ValueError otherwise."""
+    if value not in TARGET_LIFECYCLE_STATES:
+        raise ValueError(
+            f"target lifecycle state {value!r} is not one AWS documents: {', '.join(TARGET_LIFECYCLE_STATES)}"
+        )
+    return value
+
 
 class Faults:
     """Switches read from a JSON file the lab rewrites: {"error_first": N, "status": 500, "delay": s}.
@@ -79,8 +102,13 @@ def metadata(identity: Identity, public_ipv4: str | None) -> dict[str, str]:
     }
     paths.update({f"tags/instance/{k}": v for k, v in tags.items()})
     if identity.get("target_lifecycle_state"):
-        # Where Auto Scaling takes the instance (Warmed:Pending:Wait, InService...): only once the lab set it.
-        paths["autoscaling/target-lifecycle-state"] = identity["target_lifecycle_state"]
+        # Where Auto Scaling takes the instance (InService, Warmed:Stopped...): only once the lab set it.
+        paths["autoscaling/target-lifecycle-state"] = target_lifecycle_state(
+            identity["target_lifecycle_state"]
+        )
+    if identity.get("spot_instance_action"):
+        # The two-minute Spot interruption notice ({"action": "stop", "time": ...}), once the lab sent it.
+        paths["spot/instance-action"] = json.dumps(identity["spot_instance_action"])
     if public_ipv4:
         paths["public-ipv4"] = public_ipv4
         paths[net + "public-ipv4s"] = public_ipv4

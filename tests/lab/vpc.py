@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests import netns
-from tests.lab import api, jsonl, router, spec
+from tests.lab import api, imds, jsonl, router, spec
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -469,7 +469,9 @@ class Lab:
 
     def set_target_lifecycle_state(self, instance: Instance, state: str | None) -> None:
         """What IMDS answers at autoscaling/target-lifecycle-state for the instance (None: nothing)."""
-        self.identities[instance.private_ip]["target_lifecycle_state"] = state
+        self.identities[instance.private_ip]["target_lifecycle_state"] = (
+            state and imds.target_lifecycle_state(state)
+        )
         _write_atomically(self.dir / "registry.json", json.dumps(self.identities))
         self.event("target-lifecycle-state", instance=instance.instance_id, state=state)
 
@@ -515,12 +517,18 @@ class Lab:
 
     # -- instances ------------------------------------------------------------------------------
     def boot(
-        self, az_index: int, *, strategy: str = POLICY_ROUTE, launched_after: float | None = None
+        self,
+        az_index: int,
+        *,
+        strategy: str = POLICY_ROUTE,
+        launched_after: float | None = None,
+        hook_timeout_seconds: int = LAB_HOOK_TIMEOUT_SECONDS,
     ) -> Instance:
         """An instance of the group boots in this AZ's public subnet, with no public IPv4.
 
         `strategy` (one of STRATEGIES) chooses the configuration its user data carries and, for ipv6,
         gives it an address in the subnet's /64 and an IPv6 default route via the router.
+        `hook_timeout_seconds` is the launch hook's window its configuration names.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"lab: unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
@@ -601,8 +609,8 @@ class Lab:
             # The synthesized window (660 s) belongs to the 240 s deadline; the lab's runs are compressed
             # to LAB_DEADLINE_SECONDS, and the host's uptime stands in for the instance's. With Auto
             # Scaling's shortest window no restarted run ever fits: a failed run is final, whatever the
-            # host's uptime, and ABANDON is always attempted.
-            config["lifecycle_hook"]["timeout_seconds"] = LAB_HOOK_TIMEOUT_SECONDS
+            # host's uptime, and ABANDON is always attempted (a scenario may choose a longer window).
+            config["lifecycle_hook"]["timeout_seconds"] = hook_timeout_seconds
         config_path = self.dir / f"{instance_id}-config.json"
         config_path.write_text(json.dumps(config, indent=2))
 

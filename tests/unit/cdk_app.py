@@ -97,6 +97,29 @@ MULTI_RAW: dict[str, Any] = {
 }
 
 
+# The handover a team chooses: launch-first for deploys and health replacements, with and without a
+# warm pool (an instance refresh then), and with the watchdog.
+LAUNCH_FIRST_RAW: dict[str, Any] = {
+    "stack_prefix": "First",
+    "services": [
+        {"name": "web", "handover": "launch-first", "health_check": {"port": 443}},
+        {"name": "pooled", "handover": "launch-first", "warm_pool": True},
+    ],
+}
+
+# Spot with Capacity Rebalancing (launch-first by requirement), on x86 types.
+SPOT_RAW: dict[str, Any] = {
+    "stack_prefix": "Spot",
+    "services": [
+        {
+            "name": "web",
+            "handover": "launch-first",
+            "spot": {"instance_types": ["t3.micro", "t3a.micro", "m5.large"]},
+        }
+    ],
+}
+
+
 # The two NAT-free networks, as a team would switch to them: egress, and nothing NAT-specific.
 IPV6_RAW: dict[str, Any] = {
     "stack_prefix": "Six",
@@ -175,3 +198,15 @@ def endpoints_app() -> Synthesized:
 def byo_app(egress: str) -> Synthesized:
     """`BYO_RAWS[egress]`, synthesized once per test session."""
     return synthesize(BYO_RAWS[egress], Path(tempfile.mkdtemp(prefix=f"eipr-cdk-byo-{egress}-")))
+
+
+@functools.cache
+def launch_first_app() -> Synthesized:
+    """`LAUNCH_FIRST_RAW`, synthesized once per test session."""
+    return synthesize(LAUNCH_FIRST_RAW, Path(tempfile.mkdtemp(prefix="eipr-cdk-launch-first-")))
+
+
+@functools.cache
+def spot_app() -> Synthesized:
+    """`SPOT_RAW`, synthesized once per test session."""
+    return synthesize(SPOT_RAW, Path(tempfile.mkdtemp(prefix="eipr-cdk-spot-")))

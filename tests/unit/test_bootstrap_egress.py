@@ -232,6 +232,7 @@ def test_a_botocore_without_the_hook_stops_the_run_in_one_line() -> None:
 def test_dualstack_without_ipv6_for_the_endpoint_exits_75_at_once_sending_nothing(
     rig: Rig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # aws-facts: facts-ec2-dualstack-endpoint
     from types import SimpleNamespace
 
     def no_ipv6(*args: Any, **kwargs: Any) -> Any:

@@ -206,6 +206,7 @@ def test_continue_is_retried_through_the_detour(rig: Rig) -> None:
 
 
 def test_no_active_lifecycle_action_is_done_and_the_timer_then_stops_asking(rig: Rig) -> None:
+    # aws-facts: facts-no-active-lifecycle-action
     asked: list[str] = []
     rig.autoscaling.before_call = asked.append
     rig.autoscaling.error = _validation("No active Lifecycle Action found with instance ID i-0123")
@@ -257,7 +258,7 @@ def test_a_transient_failure_abandons_only_when_no_restart_fits(
 
 
 def test_a_permanent_error_abandons_at_once_with_the_failure_signal_and_metric(rig: Rig) -> None:
-    # aws-facts: payload-signal-resource-failure
+    # aws-facts: facts-error-allocation-not-found, payload-signal-resource-failure
     rig.ec2.errors["DescribeAddresses"] = [client_error("InvalidAllocationID.NotFound")]
     assert rig.main(config=rig.config(signal=SIGNAL, metrics=METRICS)) == 3
     assert _results(rig) == ["ABANDON"]
@@ -284,6 +285,7 @@ def test_no_abandon_after_a_verified_association(rig: Rig, monkeypatch: pytest.M
 
 @pytest.mark.parametrize("code", ["AuthFailure", "UnauthorizedOperation", "RequestExpired"])
 def test_auth_errors_early_in_the_first_boot_are_retried(rig: Rig, code: str) -> None:
+    # aws-facts: facts-error-auth
     rig.clock.boot = rig.clock.now - 20
     rig.ec2.errors["AssociateAddress"] = [client_error(code, 403)] * 3
     assert rig.main() == 0
@@ -293,6 +295,7 @@ def test_auth_errors_early_in_the_first_boot_are_retried(rig: Rig, code: str) ->
 def test_auth_errors_past_the_grace_window_exit_3_with_the_reason(
     rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # aws-facts: facts-error-auth
     rig.clock.boot = rig.clock.now - 20
     rig.ec2.errors["AssociateAddress"] = [client_error("UnauthorizedOperation", 403)] * 10_000
     assert rig.main() == 3
@@ -493,6 +496,7 @@ def test_heal_seconds_end_at_the_verify(rig: Rig) -> None:
 
 
 def test_a_stack_that_cannot_be_signaled_is_done(rig: Rig) -> None:
+    # aws-facts: facts-signal-outside-deployment
     rig.cloudformation.errors = [
         _validation("Stack arn:aws:cloudformation:x is in UPDATE_COMPLETE state and cannot be signaled")
     ]

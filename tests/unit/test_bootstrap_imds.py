@@ -66,6 +66,7 @@ def _client(url: str, seconds: float = 30) -> HttpImds:
 
 
 def test_identity_is_read_with_a_token_only(imds: tuple[Server, str], tmp_path: Path) -> None:
+    # aws-facts: facts-imds-token, facts-imds-identity-paths
     _, url = imds
     identity = _client(url).identity()
     assert identity.instance_id == "i-0123456789abcdef0"
@@ -81,6 +82,7 @@ def test_identity_is_read_with_a_token_only(imds: tuple[Server, str], tmp_path: 
 
 
 def test_public_ipv4_when_present(tmp_path: Path) -> None:
+    # aws-facts: facts-imds-identity-paths
     for _, url in _serve(tmp_path, {**IDENTITY, "public_ipv4": "198.51.100.7"}):
         assert _client(url).identity().public_ipv4 == "198.51.100.7"
 
@@ -112,6 +114,7 @@ def test_server_errors_are_retried(imds: tuple[Server, str], tmp_path: Path) -> 
 
 
 def test_an_unknown_token_is_renewed(imds: tuple[Server, str], tmp_path: Path) -> None:
+    # aws-facts: facts-imds-token
     server, url = imds
     client = _client(url)
     client.instance_id()
@@ -146,6 +149,7 @@ def test_a_silent_imds_is_bounded_by_the_deadline() -> None:
 
 
 def test_malformed_cidr_is_an_error(tmp_path: Path) -> None:
+    # aws-facts: facts-imds-identity-paths
     for _, url in _serve(tmp_path, {**IDENTITY, "subnet_cidr": "10.0.0.0/33"}):
         with pytest.raises(ImdsError, match="subnet-ipv4-cidr-block"):
             _client(url).identity()

@@ -99,6 +99,7 @@ def test_reassociation_from_another_instance(aws: Any) -> None:
 
 
 def test_unassociated_address_is_taken(aws: Any) -> None:
+    # aws-facts: facts-describe-addresses
     (me,) = _instances(aws, 1)
     allocation = _address(aws, None)
     assert claim(_payload_client(), me, allocation, _retrier()) is Outcome.ASSOCIATED
@@ -115,6 +116,7 @@ def test_already_held_makes_no_write(aws: Any) -> None:
 
 
 def test_not_found_is_permanent(aws: Any) -> None:
+    # aws-facts: facts-error-allocation-not-found
     (me,) = _instances(aws, 1)
     client = _payload_client()
     calls = _calls(client)
@@ -141,6 +143,7 @@ def test_permission_errors_fail_fast(aws: Any, code: str, status: int) -> None:
 
 
 def test_throttling_for_the_first_calls_then_success(aws: Any) -> None:
+    # aws-facts: facts-error-throttling
     me, other = _instances(aws, 2)
     allocation = _address(aws, other)
     client = _payload_client()
@@ -180,6 +183,7 @@ def test_botocore_does_not_retry_on_its_own(aws: Any) -> None:
 
 
 def test_throttling_past_the_deadline_is_75(aws: Any) -> None:
+    # aws-facts: facts-error-throttling
     me, other = _instances(aws, 2)
     allocation = _address(aws, other)
     client = _payload_client()
@@ -234,6 +238,7 @@ def test_a_newer_member_takes_it_from_an_older_one(aws: Any) -> None:
 
 
 def test_a_whole_run_through_main_with_the_real_clients(aws: Any, tmp_path: Any) -> None:
+    # aws-facts: facts-associate-reassociation
     me, other = _instances(aws, 2)
     allocation = _address(aws, other)
     rig = Rig(tmp=tmp_path, imds=FakeImds(creds=None), netlink=FakeNetlink())

@@ -94,6 +94,7 @@ def test_api_connections_close_before_the_restore_on_failure_too(rig: Rig) -> No
 
 
 def test_pins_are_added_via_the_router_and_only_they_are_removed(rig: Rig) -> None:
+    # aws-facts: facts-subnet-reserved-addresses, facts-link-local-dns, facts-link-local-time
     rig.main()
     added = [r for op, r in rig.netlink.calls if op == "add"]
     deleted = [r for op, r in rig.netlink.calls if op == "delete"]
@@ -160,6 +161,7 @@ def test_already_held_without_public_ipv4_yet_makes_no_write(rig: Rig) -> None:
 
 
 def test_unassociated_address_is_taken_without_describing_instances(rig: Rig) -> None:
+    # aws-facts: facts-describe-addresses
     rig.ec2 = FakeEc2(holder=None)
     assert rig.main() == 0
     assert rig.ec2.calls == ["DescribeAddresses", "AssociateAddress", "DescribeAddresses"]
@@ -198,6 +200,7 @@ def test_yields_to_a_newer_member_of_the_same_group(rig: Rig, capsys: pytest.Cap
     ],
 )
 def test_takes_it_from_anyone_but_a_running_newer_member(rig: Rig, theirs: dict[str, object] | None) -> None:
+    # aws-facts: facts-associate-reassociation, facts-reserved-group-tag
     rig.ec2.instances = {SELF: _member(SELF, "2026-01-01T00:00:00Z")}
     if theirs:
         rig.ec2.instances[OTHER] = theirs
@@ -451,6 +454,7 @@ def test_continue_that_never_gets_through_is_retried_until_the_deadline_then_75(
 
 
 def test_no_pending_lifecycle_action_is_not_a_warning(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    # aws-facts: facts-no-active-lifecycle-action
     rig.ec2 = FakeEc2(holder=SELF)
     rig.autoscaling = FakeAutoScaling(error=client_error("ValidationError", 400, "CompleteLifecycleAction"))
     rig.autoscaling.error.response["Error"]["Message"] = (  # type: ignore[union-attr]

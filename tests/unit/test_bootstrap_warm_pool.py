@@ -27,7 +27,7 @@ def rig(tmp_path: Path) -> Rig:
 def test_warming_for_the_pool_completes_the_action_through_the_detour_and_claims_nothing(
     rig: Rig, egress: str
 ) -> None:
-    """aws-facts: payload-target-lifecycle-state"""
+    # aws-facts: facts-imds-target-lifecycle-state
     rig.imds.target_state = "Warmed:Stopped"
     gateways: list[Any] = []
 
@@ -60,7 +60,7 @@ def test_a_warming_instance_that_fails_never_signals_the_stack(
 ) -> None:
     """A pool refill happens during stack updates too: a FAILURE signal from a pool instance would fail
     the update (aws-facts: payload-warm-pool-refill; aws-facts: payload-signal-resource-failure;
-    aws-facts: payload-warm-pool-signal; aws-facts: payload-target-lifecycle-state)."""
+    aws-facts: payload-warm-pool-signal; aws-facts: facts-imds-target-lifecycle-state)."""
     rig.imds.target_state = "Warmed:Pending:Wait"
     rig.netlink.fail_on = {"add": errno.EPERM}
     assert rig.main(config=rig.config(signal=SIGNAL, **overrides)) == exit_code
@@ -89,12 +89,14 @@ def test_leaving_the_pool_claims_and_completes_the_second_launch_action(rig: Rig
 
 @pytest.mark.parametrize("state", ["Terminated", "Standby", "Detached"])
 def test_an_instance_on_its_way_out_does_not_claim(rig: Rig, state: str) -> None:
+    # aws-facts: facts-imds-target-lifecycle-state
     rig.imds.target_state = state
     assert rig.main() == 0
     assert rig.ec2.calls == [] and rig.netlink.calls == [] and rig.autoscaling.completed == []
 
 
 def test_no_lifecycle_state_in_imds_means_claim(rig: Rig) -> None:
+    # aws-facts: facts-imds-target-lifecycle-state
     rig.imds.target_state = None  # not in a group, or an IMDS without the category
     assert rig.main() == 0
     assert rig.ec2.address["InstanceId"] == SELF

@@ -138,6 +138,7 @@ def test_dependencies_load_from_the_bundle_not_the_host(unpacked: Path) -> None:
 
 
 def test_clients_are_created_from_the_trimmed_models(unpacked: Path) -> None:
+    # aws-facts: facts-ec2-dualstack-endpoint
     # Client creation reads endpoints, partitions, SDK defaults, the retry config and the service model:
     # this fails if the trim removed anything it needs. Static keys: no credential lookup, no network.
     # The dual-stack endpoint too (egress direct in an IPv6 network), which the endpoint rules resolve.
@@ -270,7 +271,7 @@ def test_pins_are_complete_and_consistent_for_the_target_python(unpacked: Path) 
 def test_manifest_names_the_bundled_versions(unpacked: Path, built: BundleInfo) -> None:
     manifest = json.loads((unpacked / bundle.MANIFEST_NAME).read_text())
     assert manifest["input_hash"] == built.input_hash
-    assert manifest["python_version"] == bundle.DEFAULT_PYTHON_VERSION
+    assert manifest["python_version"] == "3.9"  # Amazon Linux 2023's python3
     assert manifest["packages"]["botocore"] == "1.42.97"
     assert manifest["operations"] == {k: list(v) for k, v in bundle.KEPT_OPERATIONS.items()}
 

@@ -11,7 +11,17 @@ from typing import Any
 
 import pytest
 
-from tests.unit.cdk_app import BYO_RAWS, Synthesized, byo_app, default_app, endpoints_app, ipv6_app, multi_app
+from tests.unit.cdk_app import (
+    BYO_RAWS,
+    Synthesized,
+    byo_app,
+    default_app,
+    endpoints_app,
+    ipv6_app,
+    launch_first_app,
+    multi_app,
+    spot_app,
+)
 
 # cfn-lint rules a template may ignore, each on the resources that carry it in their metadata, and why.
 CFN_LINT_IGNORED = {
@@ -20,10 +30,13 @@ CFN_LINT_IGNORED = {
 }
 
 
-# Every configuration the tests synthesize: each network mode, in a new VPC and in a team's own.
+# Every configuration the tests synthesize: each network mode, in a new VPC and in a team's own, and
+# each group shape (terminate-first, launch-first with and without a warm pool, Spot).
 APPS = {
     "default": default_app,
     "multi": multi_app,
+    "launch-first": launch_first_app,
+    "spot": spot_app,
     "ipv6": ipv6_app,
     "interface-endpoints": endpoints_app,
     **{f"own-vpc-{egress}": (lambda egress=egress: byo_app(egress)) for egress in sorted(BYO_RAWS)},

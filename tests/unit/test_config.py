@@ -11,10 +11,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aws_cdk as cdk
 import pytest
+from aws_cdk import aws_ec2 as ec2
 
-from stacks.config import ConfigError, NetworkConfig, ServiceConfig, from_context, is_graviton, parse
-from tests.unit.cdk_app import BYO_RAWS, BYO_VPC, DEFAULT_RAW, MULTI_RAW, REPO
+from stacks.config import (
+    ConfigError,
+    HealthCheckConfig,
+    NetworkConfig,
+    ServiceConfig,
+    from_context,
+    is_graviton,
+    parse,
+)
+from stacks.nat import StableNatProvider
+from stacks.payload_config import DIRECT, payload_config
+from stacks.service import HealingService
+from stacks.service_network import Egress
+from tests.unit.cdk_app import BYO_RAWS, BYO_VPC, DEFAULT_RAW, FEATURE_FLAGS, MULTI_RAW, REPO
 
 
 def with_change(path: str, value: object) -> dict[str, Any]:
@@ -296,6 +310,18 @@ BAD_CONFIGS = {
         with_change("alarm_topic_arn", ["arn:aws:sns:us-east-1:123456789012:t"]),
         "alarm_topic_arn: expected a string, got a list",
     ),
+    "an HTTP path on 443 without tls": (
+        with_change("services[0].health_check", {"port": 443, "path": "/health"}),
+        'services[0].health_check.tls: a path on port 443 is probed in plain HTTP unless "tls": true',
+    ),
+    "tls that is not a boolean": (
+        with_change("services[0].health_check", {"port": 443, "path": "/health", "tls": "yes"}),
+        "services[0].health_check.tls: expected true or false, got a string",
+    ),
+    "tls without a path": (
+        with_change("services[0].health_check", {"port": 443, "tls": True}),
+        "services[0].health_check.tls: applies to the HTTP probe: give a path as well",
+    ),
 }
 
 
@@ -304,6 +330,58 @@ def test_alarms_go_to_the_apps_own_topic_unless_one_is_given() -> None:
     assert parse({}).alarm_topic_arn is None
     arn = "arn:aws-us-gov:sns:us-gov-west-1:123456789012:on-call.fifo"
     assert parse({"alarm_topic_arn": arn}).alarm_topic_arn == arn
+
+
+def test_a_health_check_probes_plain_http_unless_tls_is_asked() -> None:
+    # tls defaults to false; a TCP connect on 443 (no path) needs no TLS, an HTTP path on 443 does.
+    def health(**check: object) -> Any:
+        (service,) = parse(with_change("services[0].health_check", dict(check))).services
+        return service.health_check
+
+    assert health(port=8080, path="/health").tls is False
+    assert health(port=443).tls is False
+    assert health(port=443, path="/health", tls=True).tls is True
+    assert health(port=8443, path="/health", tls=True).tls is True
+
+
+def _probe(check: HealthCheckConfig) -> Any:
+    config = payload_config(
+        allocation_id="eipalloc-0123456789abcdef0",
+        egress=DIRECT,
+        dualstack=False,
+        nat_by_subnet=(),
+        auto_scaling_group="g",
+        lifecycle_hook="h",
+        hook_timeout_seconds=300,
+        stack_name="s",
+        group_logical_id="G",
+        service="web",
+        health_check=check,
+    )
+    return config["health_check"]
+
+
+def test_the_payload_config_carries_tls_only_when_true() -> None:
+    # A payload that knows no "tls" key still accepts every probe that does not ask for TLS.
+    assert _probe(HealthCheckConfig(port=443, path="/health", tls=True))["tls"] is True
+    assert "tls" not in _probe(HealthCheckConfig(port=8080, path="/health"))
+
+
+def test_the_library_refuses_an_http_path_on_443_naming_the_prop() -> None:
+    # HealingService takes a HealthCheckConfig as it is: the same rule must hold there.
+    app = cdk.App(context=FEATURE_FLAGS)
+    stack = cdk.Stack(app, "Team")
+    nat = StableNatProvider()
+    vpc = ec2.Vpc(stack, "Vpc", max_azs=2, nat_gateway_provider=nat)
+    refused = r'^HealingService\(Web\)\.health_check\.tls: a path on port 443 .* "tls": true'
+    with pytest.raises(ConfigError, match=refused):
+        HealingService(
+            stack,
+            "Web",
+            vpc=vpc,
+            egress=Egress.stable_nat(nat),
+            health_check=HealthCheckConfig(port=443, path="/health"),
+        )
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))

@@ -14,14 +14,9 @@ from aws_cdk.assertions import Template
 from bootstrap.config import load_config
 from stacks.config import ConfigError, HealthCheckConfig, parse
 from stacks.healing_service import (
-    BOOT_ALLOWANCE_SECONDS,
-    HOOK_HEARTBEAT,
     LIFECYCLE_HOOK_NAME,
-    UNIT_RESTART_SECONDS,
-    WARM_POOL_SIZE,
     WATCHDOG_PERIOD_SECONDS,
 )
-from stacks.payload_config import DEADLINE_SECONDS
 from stacks.user_data import BOOT_SERVICE, CONFIG_PATH, TIMER, WATCHDOG_TIMER, render_user_data
 from tests.unit.cdk_app import DEFAULT_RAW, REPO, Synthesized, default_app, multi_app
 from tests.unit.test_healing_service import logical_id_of, payload_config_of, statements, the, user_data_of
@@ -113,13 +108,13 @@ def test_the_warm_pool_keeps_one_stopped_instance(template: Template) -> None:
         "AWS::AutoScaling::WarmPool",
         {
             "AutoScalingGroupName": {"Ref": logical_id_of(template, GROUP)},
-            "MinSize": WARM_POOL_SIZE,
-            "MaxGroupPreparedCapacity": WARM_POOL_SIZE + 1,
+            # One stopped instance beside the one in service.
+            "MinSize": 1,
+            "MaxGroupPreparedCapacity": 2,
             "PoolState": "Stopped",
             "InstanceReusePolicy": {"ReuseOnScaleIn": False},
         },
     )
-    assert WARM_POOL_SIZE == 1
 
 
 def test_no_warm_pool_unless_asked(plain: Template) -> None:
@@ -128,9 +123,9 @@ def test_no_warm_pool_unless_asked(plain: Template) -> None:
 
 
 def test_the_group_still_keeps_one_in_service(template: Template) -> None:
-    # The pool sits beside the group: min = desired = 1, max 2 only for a launch-first update.
+    # The pool sits beside the group: min = max = desired = 1 (terminate-first, the default).
     group = the(template, GROUP)["Properties"]
-    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "2", "1")
+    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "1", "1")
 
 
 def test_one_hook_holds_both_transitions_with_the_first_boots_window(template: Template) -> None:
@@ -142,12 +137,10 @@ def test_one_hook_holds_both_transitions_with_the_first_boots_window(template: T
             "LifecycleHookName": LIFECYCLE_HOOK_NAME,
             "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
             "DefaultResult": "ABANDON",
-            "HeartbeatTimeout": int(HOOK_HEARTBEAT.to_seconds()),
+            # 120 s of boot and install, a 240 s run, the unit's 30 s restart delay, one more 240 s run.
+            "HeartbeatTimeout": 660,
         }
     ]
-    assert HOOK_HEARTBEAT.to_seconds() == BOOT_ALLOWANCE_SECONDS + 2 * (
-        DEADLINE_SECONDS + UNIT_RESTART_SECONDS
-    )
 
 
 def test_instances_carry_a_launch_template_version_number(template: Template) -> None:
@@ -204,7 +197,8 @@ def test_the_groups_grace_period_ends_before_the_watchdogs_first_report(template
     # once: the group's grace ends one timer period before the watchdog's own grace does.
     group = the(template, GROUP)["Properties"]
     assert group["HealthCheckType"] == "EC2"
-    assert group["HealthCheckGracePeriod"] == 60 - WATCHDOG_PERIOD_SECONDS
+    # The watchdog's default 60 s grace, less the timer's 10 s period (eip-reclaim-watchdog.timer).
+    assert group["HealthCheckGracePeriod"] == 50
 
 
 def test_the_grace_period_is_untouched_without_a_watchdog(plain: Template) -> None:

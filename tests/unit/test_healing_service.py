@@ -102,6 +102,7 @@ def test_the_role_may_describe_addresses_anywhere_but_change_nothing_else_broadl
 
 
 def test_associate_address_only_on_this_address(template: Template) -> None:
+    # aws-facts: facts-resource-tag-condition
     # Another service's address, or any other in the account, is out of reach.
     (statement,) = [s for s in statements(template) if sid(s) == "TakeThisAddress"]
     assert statement["Action"] == "ec2:AssociateAddress"
@@ -123,6 +124,7 @@ def test_associate_address_only_on_this_address(template: Template) -> None:
 
 
 def test_associate_address_only_onto_instances_of_this_group(template: Template) -> None:
+    # aws-facts: facts-reserved-group-tag, facts-resource-tag-condition
     # The reserved tag only Auto Scaling sets: anyone with ec2:CreateTags could forge a service tag.
     (statement,) = [s for s in statements(template) if sid(s) == "OnlyOntoThisGroupsInstances"]
     assert statement["Action"] == "ec2:AssociateAddress"
@@ -162,6 +164,7 @@ def test_metrics_only_into_the_apps_namespace(template: Template) -> None:
 
 
 def test_complete_lifecycle_action_only_on_this_group(template: Template) -> None:
+    # aws-facts: facts-complete-lifecycle-action
     # The role can report the launch of its own group's instances, not steer other groups.
     (statement,) = [s for s in statements(template) if sid(s) == "ReportTheLaunch"]
     assert statement["Action"] == "autoscaling:CompleteLifecycleAction"
@@ -207,6 +210,7 @@ def test_the_security_group_opens_only_the_configured_ports(template: Template) 
 
 
 def test_the_launch_template_boots_al2023_without_a_public_ip_and_with_imdsv2(template: Template) -> None:
+    # aws-facts: facts-imds-hop-limit
     # No public IPv4 (the address is its only way out), IMDSv2 with one hop, an encrypted root volume.
     template.has_resource_properties(
         "AWS::EC2::LaunchTemplate",
@@ -246,10 +250,10 @@ def test_the_launch_template_boots_al2023_without_a_public_ip_and_with_imdsv2(te
 def test_the_group_keeps_exactly_one_instance_over_the_public_subnet_of_every_az(
     app: Synthesized, template: Template
 ) -> None:
-    # min = desired = 1 (max 2 only for a launch-first update); any AZ can host the replacement,
+    # min = max = desired = 1 (the default handover, terminate-first); any AZ can host the replacement,
     # always in a public subnet.
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
-    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "2", "1")
+    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == ("1", "1", "1")
     assert group["AutoScalingGroupName"] == "EipReclaim-web"
     network = app.template_json(app.network)
     zone_outputs = [exported_value(network, ref) for ref in group["VPCZoneIdentifier"]]
@@ -269,6 +273,7 @@ def test_instances_are_tagged_for_this_service_at_launch(template: Template) -> 
 
 
 def test_the_launch_hook_holds_every_instance_and_abandons_by_default(template: Template) -> None:
+    # aws-facts: facts-hook-default-result
     # Part of the group itself so the first instance waits too; an instance that never reports is replaced.
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
     assert group["LifecycleHookSpecificationList"] == [
@@ -276,7 +281,8 @@ def test_the_launch_hook_holds_every_instance_and_abandons_by_default(template: 
             "LifecycleHookName": LIFECYCLE_HOOK_NAME,
             "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
             "DefaultResult": "ABANDON",
-            "HeartbeatTimeout": int(HOOK_HEARTBEAT.to_seconds()),
+            # 120 s of boot and install, a 240 s run, the unit's 30 s restart delay, one more 240 s run.
+            "HeartbeatTimeout": 660,
         }
     ]
     template.resource_count_is("AWS::AutoScaling::LifecycleHook", 0)
@@ -409,7 +415,7 @@ def test_user_data_carries_the_payload_config_with_the_generated_subnet_nat_map(
         "lifecycle_hook": {
             "auto_scaling_group": "EipReclaim-web",
             "hook": LIFECYCLE_HOOK_NAME,
-            "timeout_seconds": int(HOOK_HEARTBEAT.to_seconds()),
+            "timeout_seconds": 660,
         },
         "signal": {
             "stack": "EipReclaim-web",
@@ -468,24 +474,25 @@ def test_user_data_stays_far_below_the_16_kb_limit(app: Synthesized, template: T
 
 
 def test_a_create_waits_for_the_payloads_signal(template: Template) -> None:
+    # aws-facts: facts-creation-policy-signals
     # A stack whose instance cannot take its address fails and rolls back instead of reporting success.
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")
     assert group["CreationPolicy"] == {
-        "ResourceSignal": {"Count": 1, "Timeout": f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"}
+        "ResourceSignal": {"Count": 1, "Timeout": "PT11M"}  # the hook's 660 s window
     }
 
 
-def test_a_new_launch_template_launches_the_new_instance_before_removing_the_old(template: Template) -> None:
+def test_a_new_launch_template_rolls_the_one_instance_and_waits_for_its_signal(template: Template) -> None:
     # The group's name is fixed, so only a rolling update can replace its instance. MinInstancesInService
-    # 1 < MaxSize 2: CloudFormation launches the new one beside the old, waits for its SUCCESS (the
-    # payload's signal after it holds the address), then terminates the old. The pause spans the hook's
-    # window, and the processes that would fight the update are suspended (Launch and Terminate stay on).
+    # 0 < MaxSize 1 (the default, terminate-first; launch-first: tests/unit/test_group_shape.py): the old
+    # one goes, the new one boots, and CloudFormation waits for its SUCCESS (the payload's signal after it
+    # holds the address). The pause spans the hook's window, and the processes that would fight the
+    # update are suspended (Launch and Terminate stay on). aws-facts: group-rolling-min-in-service
     group = the(template, "AWS::AutoScaling::AutoScalingGroup")
     policy = group["UpdatePolicy"]["AutoScalingRollingUpdate"]
-    assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 1)
+    assert (policy["MaxBatchSize"], policy["MinInstancesInService"]) == (1, 0)
     assert policy["MinInstancesInService"] < int(group["Properties"]["MaxSize"])
-    assert policy["MinInstancesInService"] == int(group["Properties"]["DesiredCapacity"])
-    assert policy["PauseTime"] == f"PT{int(HOOK_HEARTBEAT.to_minutes())}M"
+    assert policy["PauseTime"] == "PT11M"  # the hook's 660 s window
     assert policy["WaitOnResourceSignals"] is True
     assert "AutoScalingInstanceRefresh" not in group["UpdatePolicy"]
     assert {"HealthCheck", "ReplaceUnhealthy", "AZRebalance", "ScheduledActions"} <= set(
