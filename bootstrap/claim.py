@@ -67,8 +67,9 @@ TRANSIENT_CODES = frozenset(
 BACKOFF_BASE_SECONDS = 0.2
 BACKOFF_CAP_SECONDS = 5.0
 ASG_TAG = "aws:autoscaling:groupName"
-# EC2 tags an instance launched from a launch template with the template's version (reserved: no one
-# can set it by hand).
+# EC2 tags an instance launched from a launch template with the template's id and version (reserved: no
+# one can set them by hand). Version numbers count per template: they compare only within one id.
+TEMPLATE_ID_TAG = "aws:ec2launchtemplate:id"
 TEMPLATE_VERSION_TAG = "aws:ec2launchtemplate:version"
 # Another instance may associate the address right after this one (two members claiming at once): the
 # verify then sees it and decides again (yield or associate again), at most this many times per run.
@@ -189,27 +190,36 @@ def _newer_member(ec2: EC2Client, retrier: Retrier, me: str, holder: str) -> Opt
 
     if group(mine) is None or group(mine) != group(theirs):
         return None
-    if _seniority(theirs) > _seniority(mine):
+    if _seniority(theirs, mine) > _seniority(mine, theirs):
         return group(mine)
     return None
 
 
-def _seniority(instance: Any) -> tuple[int, Any, str]:
-    """Which of two members of a group keeps the address: the larger tuple.
+def _seniority(instance: Any, other: Any) -> tuple[int, Any, str]:
+    """Which of two members of a group keeps the address: the one whose tuple against the other is larger.
 
-    1. The launch template version (EC2's reserved `aws:ec2launchtemplate:version` tag): a member of a
-       newer version of the group's template always wins against an older one. With a warm pool, a
-       rolling update replaces the members in service but not the pool's stopped instances, so a pool
-       instance still on the old template may be started while the new member serves; it must not take
-       the address from it.
-    2. `LaunchTime`, which EC2 resets at every start: among members of one version, the one started last
-       is the one Auto Scaling just put in service (a replacement, or a pool instance leaving the pool),
-       so it wins against the member it replaces while that one is still running.
+    1. The launch template version (EC2's reserved `aws:ec2launchtemplate:version` tag), only when both
+       were launched from the same template (equal `aws:ec2launchtemplate:id`): a member of a newer
+       version of the group's template always wins against an older one. With a warm pool, a rolling
+       update replaces the members in service but not the pool's stopped instances, so a pool instance
+       still on the old template may be started while the new member serves; it must not take the
+       address from it. Version numbers count per template: across two templates (the group's template
+       replaced by another) they say nothing about which is newer, and are not compared.
+    2. `LaunchTime`, which EC2 resets at every start: among members of one version (or of two templates),
+       the one started last is the one Auto Scaling just put in service (a replacement, or a pool
+       instance leaving the pool), so it wins against the member it replaces while that one still runs.
     3. The instance id: two members started in the same second decide the same way on both.
     """
-    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    tags, others = _tags(instance), _tags(other)
+    template = tags.get(TEMPLATE_ID_TAG)
     version = tags.get(TEMPLATE_VERSION_TAG, "")
-    return (int(version) if version.isdigit() else 0, instance["LaunchTime"], instance["InstanceId"])
+    same_template = template is not None and template == others.get(TEMPLATE_ID_TAG)
+    number = int(version) if same_template and version.isdigit() else 0
+    return (number, instance["LaunchTime"], instance["InstanceId"])
+
+
+def _tags(instance: Any) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
 
 
 def claim(ec2: EC2Client, instance_id: str, allocation_id: str, retrier: Retrier) -> Outcome:

@@ -89,6 +89,8 @@ class HealthCheck:
     failures: int = 3
     # No probe until the service has had this long since the payload took the address.
     grace_seconds: int = 60
+    # The service speaks TLS on the port: the probe is HTTPS (or a TLS handshake without a path).
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def _whole(key: str, value: Any, low: int, high: int) -> int:
 
 
 def _health_check(value: Any) -> HealthCheck:
-    value = _object("health_check", value, ("port",), ("path", "failures", "grace_seconds"))
+    value = _object("health_check", value, ("port",), ("path", "failures", "grace_seconds", "tls"))
     path = value.get("path")
     if path is not None and (not isinstance(path, str) or not re.fullmatch(r"/[^\s]*", path)):
         raise _fail("health_check.path", f"{path!r} is not an absolute URL path (starting with /)")
@@ -231,6 +233,7 @@ def _health_check(value: Any) -> HealthCheck:
         path=path,
         failures=_whole("health_check.failures", value.get("failures", 3), 1, 100),
         grace_seconds=_whole("health_check.grace_seconds", value.get("grace_seconds", 60), 0, 3600),
+        tls=_boolean("health_check.tls", value.get("tls", False)),
     )
 
 

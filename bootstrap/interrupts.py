@@ -12,16 +12,20 @@ Inside a region the handler raises `Interrupt`, a BaseException: libraries turn 
 in their I/O into one of their own (botocore wraps it in HTTPClientError, which reads as a transient
 network error and would be retried), but let a BaseException through. The region's exit turns it back
 into the ReclaimError it carries, so the stop reaches the run's `finally` within the signal's latency.
+
+The region's own way in and out is not the blocking wait: an `Interrupt` raised there (after the call
+returned, before the exit's conversion) would escape every handler and end the process with a
+traceback. The handler sees the frame the signal lands in; in the region's entry or exit it only keeps
+the stop, and the entry's or the exit's last step raises it as the ReclaimError.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from bootstrap.errors import DeadlineExceeded, ReclaimError, Terminated
 
@@ -78,42 +82,73 @@ class Interrupts:
         self.armed = False
         self.pending = None
 
-    @contextmanager
-    def interruptible(self) -> Iterator[None]:
+    def interruptible(self) -> AbstractContextManager[None]:
         """A blocking wait that a stop signal or the deadline may cut short."""
-        if self.armed and self.pending is not None:
-            error, self.pending = self.pending, None
-            self.armed = False
-            raise error
-        self.depth += 1
-        try:
-            yield
-        except Interrupt as stop:
-            if self.depth > 1:
-                raise  # a region inside library code (a name lookup): the outermost one converts it
-            raise stop.error from None
-        finally:
-            self.depth -= 1
+        return _Region(self)
 
-    def _raise(self, error: ReclaimError) -> None:
+    def _stop(self, error: ReclaimError) -> NoReturn:
+        """Raise `error` now: as an `Interrupt` while an outer region still has to convert it."""
+        self.armed = False
+        self.pending = None
+        if self.depth > 0:
+            raise Interrupt(error)
+        raise error
+
+    def _raise(self, error: ReclaimError, frame: Optional[FrameType]) -> None:
         self.received = str(error)
         if not self.armed:
             LOG.warning("%s: already finishing; the routes are being restored or are restored", error)
             return
-        if self.depth == 0:
+        if self.depth == 0 or (frame is not None and frame.f_code in _REGION_CODE):
+            # Outside a region, or on a region's own way in or out, where an exception raised here would
+            # escape the conversion: kept, and raised by the region's exit or the next region's entry.
             LOG.debug("%s: raised when the current step ends", error)
             self.pending = error
             return
-        self.armed = False
-        self.pending = None
-        raise Interrupt(error)
+        self._stop(error)
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
-        self._raise(Terminated(f"signal {signal.Signals(signum).name} received"))
+        self._raise(Terminated(f"signal {signal.Signals(signum).name} received"), frame)
 
     def _on_alarm(self, signum: int, frame: Optional[FrameType]) -> None:
-        self._raise(DeadlineExceeded(f"deadline of {self._seconds:g} s passed"))
+        self._raise(DeadlineExceeded(f"deadline of {self._seconds:g} s passed"), frame)
 
+
+class _Region:
+    """One `with interruptible():`. Its entry and exit are plain methods, not a generator, so that the
+    handler can tell them by their code (`_REGION_CODE`): a stop that lands in them is kept as pending
+    and raised here as a plain exception at the end of the entry or the exit, never in mid-step.
+    """
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: Interrupts) -> None:
+        self._owner = owner
+
+    def __enter__(self) -> None:
+        owner = self._owner
+        owner.depth += 1
+        # Last: a stop kept from before the region, or one that landed on the line above.
+        if owner.armed and owner.pending is not None:
+            owner.depth -= 1
+            owner._stop(owner.pending)
+
+    def __exit__(
+        self, kind: Optional[type[BaseException]], value: Optional[BaseException], traceback: Any
+    ) -> None:
+        owner = self._owner
+        owner.depth -= 1
+        if isinstance(value, Interrupt):
+            if owner.depth > 0:
+                return  # a region inside library code (a name lookup): the outermost one converts it
+            raise value.error from None
+        # Last: a stop that landed after the blocking call returned (or during it, in a region's code).
+        if owner.armed and owner.pending is not None:
+            owner._stop(owner.pending)
+
+
+# The code of a region's own way in and out: a stop that lands there is kept, never raised in mid-step.
+_REGION_CODE = frozenset({_Region.__enter__.__code__, _Region.__exit__.__code__})
 
 # Signal handlers belong to the process, so there is one of these.
 INTERRUPTS = Interrupts()

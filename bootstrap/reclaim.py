@@ -9,25 +9,21 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Callable, Optional, TextIO, TypeVar
 
 from bootstrap import egress, routes
+from bootstrap.clients import Clients
 from bootstrap.clock import Clock, Deadline
 from bootstrap.config import Config
 from bootstrap.egress.direct import Direct
 from bootstrap.errors import EXIT_OK, EXIT_TEMPFAIL, ReclaimError, Terminated, TransientError
 from bootstrap.imds import Credentials, Identity, Imds, ImdsError
 from bootstrap.interrupts import INTERRUPTS, Interrupts
-from bootstrap.report import Reporter
-from bootstrap.routes import Netlink
-from bootstrap.state import Journal, Marks, remove_stray_temporaries
+from bootstrap.netlink import Netlink, PyRoute2Netlink
+from bootstrap.report import LIFECYCLE_MARK, SIGNAL_MARK, Reporter
+from bootstrap.state import JOURNAL_NAME, Journal, Marks, remove_stray_temporaries
 
 if TYPE_CHECKING:
-    from mypy_boto3_autoscaling import AutoScalingClient
-    from mypy_boto3_cloudformation import CloudFormationClient
-    from mypy_boto3_cloudwatch import CloudWatchClient
-    from mypy_boto3_ec2 import EC2Client
-
     from bootstrap.claim import Outcome
 
 LOG = logging.getLogger(__name__)
@@ -38,26 +34,6 @@ _T = TypeVar("_T")
 CLAIMED_MARK = "claimed"
 # IMDS autoscaling/target-lifecycle-state values for which this instance must not take the address.
 NOT_IN_SERVICE = ("Terminated", "Standby", "Detached")
-
-
-class Clients(Protocol):
-    """What the run needs to make API clients (the real one is `aws.ClientFactory`)."""
-
-    def ec2(
-        self, endpoint_url: Optional[str], credentials: Optional[Credentials], *, dualstack: bool = False
-    ) -> EC2Client: ...
-
-    def autoscaling(
-        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
-    ) -> AutoScalingClient: ...
-
-    def cloudformation(
-        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
-    ) -> CloudFormationClient: ...
-
-    def cloudwatch(
-        self, endpoint_url: Optional[str], credentials: Optional[Credentials]
-    ) -> CloudWatchClient: ...
 
 
 @dataclass
@@ -114,8 +90,12 @@ class _Run:
         self.identity = identity
         self.creds: Optional[Credentials] = None
         self.verified = False  # the claim ended with the address held by this instance or a newer member
+        # Seconds from the run's start to the verify (DescribeAddresses naming the holder): HealSeconds.
+        self.verified_after = 0.0
         self.through_nat = False  # the API is reached through the NAT (no public IPv4, a NAT egress)
         self.failure_reported = False
+        # Prepared for the warm pool (target lifecycle state Warmed:*): never signals the stack.
+        self.warming = False
         self.reporter = Reporter(
             config=config,
             clients=deps.clients,
@@ -163,6 +143,7 @@ class _Run:
             way.adopt(ec2)
             retrier = Retrier(self.deadline, way.before_call, self.deps.rng, uptime=self.deps.clock.uptime)
             outcome = claim(ec2, self.identity.instance_id, self.config.allocation_id, retrier)
+            self.verified_after = self.deadline.elapsed()
         finally:
             _close_connections(ec2)
         self.verified = True
@@ -172,7 +153,8 @@ class _Run:
         """ABANDON (and the FAILURE signal) only when the outcome is final; see docs/payload.md."""
         if self.failure_reported or self.verified or isinstance(err, Terminated):
             return
-        if not self.reporter.lifecycle_pending() and self.config.signal is None:
+        signal = self.config.signal is not None and not self.warming
+        if not self.reporter.lifecycle_pending() and not signal:
             return
         if self.config.dualstack and not self.identity.public_ipv4:
             # IPv6 is the only way out until the address is held, and Auto Scaling and CloudFormation
@@ -192,7 +174,7 @@ class _Run:
                 return
             LOG.warning("lifecycle: no time left in the hook's window for another attempt; abandoning")
         self.failure_reported = True
-        self.reporter.failed(where=where)
+        self.reporter.failed(where=where, signal=signal)
 
 
 def _through(run: _Run, nat: str, work: Callable[[egress.Egress], _T]) -> _T:
@@ -275,7 +257,8 @@ def _close_connections(client: object) -> None:
 def run(config: Config, deps: Deps, deadline: Deadline) -> int:
     """The whole run after the lock is held. Raises ReclaimError (with its exit code) on failure."""
     _skip_warning(deps.skip_pins)
-    for name in remove_stray_temporaries(deps.journal.directory):
+    own = (JOURNAL_NAME, *(Marks.file_name(m) for m in (CLAIMED_MARK, LIFECYCLE_MARK, SIGNAL_MARK)))
+    for name in remove_stray_temporaries(deps.journal.directory, own):
         LOG.info("state: removed %s, left by an interrupted write", name)
     if deps.journal.exists():
         egress.check_journal(deps.journal)
@@ -299,7 +282,7 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         LOG.info("autoscaling: target lifecycle state %s: not taking the address; no change", target)
         return EXIT_OK
     state = _Run(config, deps, deadline, identity)
-    warming = target is not None and target.startswith("Warmed:")
+    warming = state.warming = target is not None and target.startswith("Warmed:")
     try:
         nat = config.nat_for(identity.subnet_id) if config.egress in egress.VIA_NAT else None
         state.through_nat = nat is not None and not identity.public_ipv4
@@ -341,18 +324,21 @@ def run(config: Config, deps: Deps, deadline: Deadline) -> int:
         raise
     from bootstrap.claim import Outcome  # noqa: PLC0415 (botocore is loaded by now)
 
-    heal_seconds = deadline.elapsed()
     deps.interrupts.disarm()
-    if outcome is not Outcome.YIELDED:
-        # The watchdog (bootstrap/watchdog.py) probes the service only once this instance holds the address.
-        state.reporter.marks.mark(CLAIMED_MARK, identity.instance_id)
+    marks = state.reporter.marks
+    if outcome is not Outcome.YIELDED and not marks.done(CLAIMED_MARK, identity.instance_id):
+        # The watchdog (bootstrap/watchdog.py) probes the service only once this instance holds the address,
+        # and counts its grace from the mark's modification time: written once (the re-check timer's runs
+        # find it already there), or the grace would start again every five minutes.
+        marks.mark(CLAIMED_MARK, identity.instance_id)
     if not reported:
         # Over the Elastic IP (or the public address), until the deadline: a launch action left pending
         # times out to ABANDON, and the group would terminate the instance that holds the address.
         reported = state.reporter.succeeded(until_deadline=True, where="over the Elastic IP")
     if outcome is Outcome.ASSOCIATED:
         state.reporter.metrics(
-            {"Healed": (1.0, "Count"), "HealSeconds": (heal_seconds, "Seconds")}, where="over the Elastic IP"
+            {"Healed": (1.0, "Count"), "HealSeconds": (state.verified_after, "Seconds")},
+            where="over the Elastic IP",
         )
     if not reported:
         raise TransientError(
@@ -428,4 +414,4 @@ def pyroute2_netlink() -> Iterator[Netlink]:
     from bootstrap.iproute import iproute_class  # noqa: PLC0415
 
     with iproute_class()() as ipr:
-        yield routes.PyRoute2Netlink(ipr)
+        yield PyRoute2Netlink(ipr)

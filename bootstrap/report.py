@@ -11,17 +11,15 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
+from bootstrap.clients import Clients
 from bootstrap.clock import Deadline
 from bootstrap.config import Config
 from bootstrap.errors import ReclaimError
 from bootstrap.imds import Credentials
 from bootstrap.interrupts import interruptible
 from bootstrap.state import Marks
-
-if TYPE_CHECKING:
-    from bootstrap.reclaim import Clients
 
 LOG = logging.getLogger(__name__)
 
@@ -97,8 +95,14 @@ class Reporter:
         )
         return sent is not None
 
-    def failed(self, *, where: str) -> bool:
-        """ABANDON, the FAILURE signal and the Abandoned metric; True if an ABANDON was accepted."""
+    def failed(self, *, where: str, signal: bool = True) -> bool:
+        """ABANDON, the FAILURE signal (unless `signal` is False: an instance warming up for the pool) and
+        the Abandoned metric; True if an ABANDON was accepted.
+
+        A pool instance never signals: a warm pool is refilled during stack updates too, and the stack's
+        update policy counts the signals of the instances it waits for; a FAILURE from a pool instance
+        would fail (and roll back) the update.
+        """
         abandoned = False
         if self.lifecycle_pending():
             abandoned = (
@@ -107,7 +111,7 @@ class Reporter:
                 )
                 is True
             )
-        if self._signal_pending():
+        if signal and self._signal_pending():
             self._report(
                 "FAILURE signal", self._signal, "FAILURE", until_deadline=False, where=where, attempts=1
             )

@@ -1,4 +1,4 @@
-"""Routes of the main table: read, pin, detour via the NAT, and put back exactly as they were."""
+"""The detour's decisions: plan the pins and the detour, keep them in place, put the main table back."""
 
 from __future__ import annotations
 
@@ -6,31 +6,26 @@ import errno
 import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Optional, Protocol, Union
+from dataclasses import replace
+from typing import Callable, Optional
 
 from bootstrap.errors import ConfigError, TransientError
+from bootstrap.netlink import Netlink
+from bootstrap.route_model import (
+    DEFAULT,
+    FR_ACT_TO_TBL,
+    MAIN_TABLE,
+    RTN_UNICAST,
+    RTPROT_STATIC,
+    DetourPlan,
+    PathLookup,
+    Route,
+    RouteError,
+    table_name,
+)
 
 LOG = logging.getLogger(__name__)
 
-MAIN_TABLE = 254
-AF_INET = 2
-RTN_UNICAST = 1
-RT_SCOPE_UNIVERSE = 0
-RTPROT_STATIC = 4
-# rtnetlink protocol numbers as `ip route` names them (rt_protos), for log lines.
-PROTOCOL_NAMES = {2: "kernel", 3: "boot", 4: "static", 16: "dhcp", 18: "keepalived", 186: "bgp"}
-# The only rtm_flags bit that describes a route rather than a dump: a gateway taken as on-link.
-RTNH_F_ONLINK = 4
-# RTM_GETROUTE: have the answer name the table the route was found in (without it, it always says main).
-RTM_F_LOOKUP_TABLE = 0x1000
-# Routing rules: the action "lookup TABLE", and the `not` flag.
-FR_ACT_TO_TBL = 1
-FIB_RULE_INVERT = 2
-ALL_BITS = 0xFFFFFFFF
-TABLE_NAMES = {255: "local", 254: "main", 253: "default"}
-
-DEFAULT = "0.0.0.0/0"
 # The link-local services that must keep answering for *this* instance during the detour: through the
 # NAT they would be the NAT's own (IMDS would hand out its identity and credentials).
 LINK_LOCAL_PINS = {
@@ -39,359 +34,10 @@ LINK_LOCAL_PINS = {
     "time": "169.254.169.123/32",
 }
 PIN_NAMES = ("imds", "dns", "time", "vpc")
-UNSUPPORTED_ATTRIBUTES = ("RTA_MULTIPATH", "RTA_NH_ID", "RTA_ENCAP", "RTA_VIA")
-# A route metric's value: a number, except RTAX_CC_ALGO (`congctl cubic`), which the kernel gives by name.
-MetricValue = Union[int, str]
-
-
-class RouteError(TransientError):
-    """The kernel refused a route change."""
 
 
 class DetourBypassed(TransientError):
     """The kernel would send the API connection another way than through the NAT (a rule or a route)."""
-
-
-def table_name(table: int) -> str:
-    return TABLE_NAMES.get(table, str(table))
-
-
-@dataclass(frozen=True)
-class Route:
-    """One IPv4 route, with every attribute needed to put it back as it was."""
-
-    dst: str
-    gateway: Optional[str] = None
-    oif: Optional[int] = None
-    priority: int = 0
-    proto: int = RTPROT_STATIC
-    scope: int = RT_SCOPE_UNIVERSE
-    prefsrc: Optional[str] = None
-    table: int = MAIN_TABLE
-    type: int = RTN_UNICAST
-    flags: int = 0
-    metrics: tuple[tuple[str, MetricValue], ...] = field(default=())
-    # Attributes this payload cannot write back (multipath next hops, nexthop objects, encapsulation):
-    # such a route is never replaced, because it could not be restored exactly.
-    unsupported: tuple[str, ...] = field(default=())
-
-    def describe(self) -> str:
-        """The route in `ip route` words (the interface by index: names are not journaled)."""
-        via = f" via {self.gateway}" if self.gateway else ""
-        src = f" src {self.prefsrc}" if self.prefsrc else ""
-        proto = PROTOCOL_NAMES.get(self.proto, str(self.proto))
-        return f"{self.dst}{via} dev index {self.oif} proto {proto}{src} metric {self.priority}"
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["metrics"] = [list(item) for item in self.metrics]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Route:
-        values = dict(data)
-        values["metrics"] = tuple((str(name), _metric(value)) for name, value in values.get("metrics", ()))
-        values["unsupported"] = tuple(str(name) for name in values.get("unsupported", ()))
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One IPv4 routing rule, as far as the path check needs it (`ip rule` words in `describe`)."""
-
-    priority: int
-    table: int
-    src: Optional[str] = None  # a prefix; None: from all
-    fwmark: Optional[int] = None
-    fwmask: int = ALL_BITS
-    action: int = FR_ACT_TO_TBL
-    invert: bool = False
-    # Selectors this payload does not evaluate (iif, oif, to, uidrange, ports...), in `ip rule` words.
-    other: tuple[str, ...] = ()
-
-    def may_match(self, src: Optional[str], mark: int) -> bool:
-        """Whether a locally made connection from `src` with `mark` matches (unevaluated selectors: yes)."""
-        if self.other:
-            return True
-        hit = True
-        if self.src is not None:
-            hit = src is not None and ipaddress.IPv4Address(src) in ipaddress.IPv4Network(self.src)
-        if self.fwmark is not None:
-            hit = hit and (mark ^ self.fwmark) & self.fwmask == 0
-        return hit != self.invert
-
-    def describe(self) -> str:
-        words = ["not"] if self.invert else []
-        source = self.src[:-3] if self.src and self.src.endswith("/32") else self.src
-        words += ["from", source or "all"]
-        if self.fwmark is not None:
-            words += [
-                "fwmark",
-                f"{self.fwmark:#x}" + (f"/{self.fwmask:#x}" if self.fwmask != ALL_BITS else ""),
-            ]
-        words += list(self.other)
-        words += (
-            ["lookup", table_name(self.table)] if self.action == FR_ACT_TO_TBL else [f"action {self.action}"]
-        )
-        return f"rule {self.priority}: {' '.join(words)}"
-
-
-@dataclass(frozen=True)
-class PathLookup:
-    """The kernel's answer to "which way would a connection to dst go" (RTM_GETROUTE)."""
-
-    gateway: Optional[str]
-    oif: Optional[int]
-    table: int
-    # The source address the connection would use.
-    prefsrc: Optional[str] = None
-
-
-def _metric(value: Any) -> MetricValue:
-    """A metric as journaled and compared: the congestion control by name, every other one a number."""
-    return value if isinstance(value, str) else int(value)
-
-
-class Netlink(Protocol):
-    """The few netlink operations the detour needs (pyroute2 on a host, a fake in unit tests)."""
-
-    def link_index(self, mac: str) -> Optional[int]: ...
-
-    def routes(self, table: int) -> list[Route]: ...
-
-    def add(self, route: Route) -> None: ...
-
-    def append(self, route: Route) -> None: ...
-
-    def replace(self, route: Route) -> None: ...
-
-    def delete(self, route: Route) -> bool: ...
-
-    def addresses(self, ifindex: int) -> list[str]:
-        """The interface's IPv4 addresses as address/prefix length, primary first."""
-        ...
-
-    def route_get(self, dst: str, src: Optional[str] = None, mark: Optional[int] = None) -> PathLookup:
-        """The path the kernel would give a connection to `dst` made here (`ip route get`)."""
-        ...
-
-    def rules(self) -> list[Rule]:
-        """The IPv4 routing rules, by priority."""
-        ...
-
-    def add_rule(self, rule: Rule) -> None:
-        """Add an fwmark rule to a table (the policy-route egress's only kind)."""
-        ...
-
-    def delete_rule(self, rule: Rule) -> bool:
-        """Delete a rule like `rule` (priority, table, mark); False if there was none."""
-        ...
-
-
-# Rule selectors the path check does not evaluate, and their `ip rule` words.
-_RULE_SELECTORS = (
-    ("FRA_IIFNAME", "iif"),
-    ("FRA_OIFNAME", "oif"),
-    ("FRA_UID_RANGE", "uidrange"),
-    ("FRA_IP_PROTO", "ipproto"),
-    ("FRA_SPORT_RANGE", "sport"),
-    ("FRA_DPORT_RANGE", "dport"),
-    ("FRA_L3MDEV", "l3mdev"),
-)
-
-
-class PyRoute2Netlink:
-    """Netlink through pyroute2's IPRoute in the current network namespace."""
-
-    def __init__(self, ipr: Any) -> None:
-        self._ipr = ipr
-
-    def link_index(self, mac: str) -> Optional[int]:
-        found = self._ipr.link_lookup(address=mac.lower())
-        return int(found[0]) if found else None
-
-    def routes(self, table: int) -> list[Route]:
-        result = []
-        for msg in self._ipr.get_routes(family=AF_INET, table=table):
-            metrics = msg.get("RTA_METRICS")
-            result.append(
-                Route(
-                    dst=f"{msg.get('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}",
-                    gateway=msg.get("RTA_GATEWAY"),
-                    oif=msg.get("RTA_OIF"),
-                    priority=msg.get("RTA_PRIORITY") or 0,
-                    proto=msg["proto"],
-                    scope=msg["scope"],
-                    prefsrc=msg.get("RTA_PREFSRC"),
-                    table=msg.get("RTA_TABLE") or msg["table"],
-                    type=msg["type"],
-                    flags=msg["flags"] & RTNH_F_ONLINK,
-                    metrics=tuple((str(k), _metric(v)) for k, v in metrics["attrs"]) if metrics else (),
-                    unsupported=tuple(a for a in UNSUPPORTED_ATTRIBUTES if msg.get(a) is not None),
-                )
-            )
-        return result
-
-    def addresses(self, ifindex: int) -> list[str]:
-        found = self._ipr.get_addr(family=AF_INET, index=ifindex)
-        return [f"{m.get('IFA_LOCAL') or m.get('IFA_ADDRESS')}/{m['prefixlen']}" for m in found]
-
-    def route_get(self, dst: str, src: Optional[str] = None, mark: Optional[int] = None) -> PathLookup:
-        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 (imported with pyroute2)
-
-        spec: dict[str, Any] = {"dst": dst, "flags": RTM_F_LOOKUP_TABLE}
-        if src is not None:
-            spec["src"] = src
-        if mark is not None:
-            spec["mark"] = mark
-        try:
-            msg = self._ipr.route("get", **spec)[0]
-        except NetlinkError as err:
-            raise RouteError(f"routes: get {dst}: {err}") from err
-        return PathLookup(
-            gateway=msg.get("RTA_GATEWAY"),
-            oif=msg.get("RTA_OIF"),
-            table=msg.get("RTA_TABLE") or msg["table"],
-            prefsrc=msg.get("RTA_PREFSRC") or msg.get("RTA_SRC"),
-        )
-
-    def rules(self) -> list[Rule]:
-        result = []
-        for msg in self._ipr.get_rules(family=AF_INET):
-            other = [
-                f"{word} {msg.get(attr)}"
-                for attr, word in _RULE_SELECTORS
-                if msg.get(attr) not in (None, "", 0)
-            ]
-            if msg["dst_len"]:
-                other.insert(0, f"to {msg.get('FRA_DST')}/{msg['dst_len']}")
-            if msg["tos"]:
-                other.append(f"tos {msg['tos']:#x}")
-            fwmark, fwmask = msg.get("FRA_FWMARK"), msg.get("FRA_FWMASK")
-            if fwmark is None and fwmask is not None:
-                fwmark = 0  # `fwmark 0/MASK`: the kernel leaves out a mark of 0, not its mask
-            result.append(
-                Rule(
-                    priority=msg.get("FRA_PRIORITY") or 0,
-                    table=msg.get("FRA_TABLE") or msg["table"],
-                    src=f"{msg.get('FRA_SRC')}/{msg['src_len']}" if msg["src_len"] else None,
-                    fwmark=fwmark,
-                    fwmask=ALL_BITS if fwmask is None else fwmask,
-                    action=msg["action"],
-                    invert=bool(msg["flags"] & FIB_RULE_INVERT),
-                    other=tuple(other),
-                )
-            )
-        return sorted(result, key=lambda r: r.priority)
-
-    def _rule(self, command: str, rule: Rule) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 (imported with pyroute2)
-
-        spec: dict[str, Any] = {"priority": rule.priority, "table": rule.table, "action": FR_ACT_TO_TBL}
-        if rule.fwmark is not None:
-            spec.update(fwmark=rule.fwmark, fwmask=rule.fwmask)
-        try:
-            self._ipr.rule(command, family=AF_INET, **spec)
-        except NetlinkError as err:
-            raise RouteError(f"routes: rule {command} {rule.describe()}: {err}") from err
-
-    def add_rule(self, rule: Rule) -> None:
-        self._rule("add", rule)
-
-    def delete_rule(self, rule: Rule) -> bool:
-        try:
-            self._rule("del", rule)
-        except RouteError as err:
-            if getattr(err.__cause__, "code", None) in (errno.ENOENT, errno.ESRCH):
-                return False
-            raise
-        return True
-
-    def _spec(self, route: Route) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "dst": route.dst,
-            "table": route.table,
-            "priority": route.priority,
-            "proto": route.proto,
-            "scope": route.scope,
-            "type": route.type,
-            "flags": route.flags,
-        }
-        for key in ("gateway", "oif", "prefsrc"):
-            if getattr(route, key) is not None:
-                spec[key] = getattr(route, key)
-        if route.metrics:
-            # pyroute2 takes metrics by their RTAX_ names (the form a dump gives them in).
-            spec["metrics"] = dict(route.metrics)
-        return spec
-
-    def _call(self, command: str, route: Route) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 (imported with pyroute2)
-
-        try:
-            self._ipr.route(command, **self._spec(route))
-        except NetlinkError as err:
-            raise RouteError(
-                f"routes: {command} {route.describe()}: {err}",
-            ) from err
-
-    def add(self, route: Route) -> None:
-        self._call("add", route)
-
-    def append(self, route: Route) -> None:
-        # NLM_F_CREATE|NLM_F_APPEND: after the routes of the same (dst, metric), never EEXIST for a
-        # sibling that differs (only for an identical route).
-        self._call("append", route)
-
-    def replace(self, route: Route) -> None:
-        self._call("replace", route)
-
-    def delete(self, route: Route) -> bool:
-        try:
-            self._call("del", route)
-        except RouteError as err:
-            if getattr(err.__cause__, "code", None) == errno.ESRCH:
-                return False
-            raise
-        return True
-
-
-@dataclass(frozen=True)
-class DetourPlan:
-    """What a detour changes, written to the journal before the first change."""
-
-    ifindex: int
-    router: str
-    nat: str
-    # The main table's default routes as found; empty when there was none.
-    default_routes: tuple[Route, ...]
-    # The route that replaces the best default route while the detour is in place.
-    detour: Route
-    # Pins this run adds (never ones that already existed); only these are removed afterwards.
-    pins: tuple[Route, ...]
-    # Destinations that already had a route and are left alone (for the log; not journaled).
-    kept: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ifindex": self.ifindex,
-            "router": self.router,
-            "nat": self.nat,
-            "default_routes": [r.to_json() for r in self.default_routes],
-            "detour": self.detour.to_json(),
-            "pins": [r.to_json() for r in self.pins],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DetourPlan:
-        return cls(
-            ifindex=int(data["ifindex"]),
-            router=str(data["router"]),
-            nat=str(data["nat"]),
-            default_routes=tuple(Route.from_json(r) for r in data["default_routes"]),
-            detour=Route.from_json(data["detour"]),
-            pins=tuple(Route.from_json(r) for r in data["pins"]),
-        )
 
 
 def vpc_router(subnet_cidr: str) -> str:

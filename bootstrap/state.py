@@ -8,6 +8,8 @@ import fcntl
 import json
 import logging
 import os
+import re
+from collections.abc import Iterable
 from typing import Any, Optional
 
 from bootstrap.clock import Clock
@@ -85,7 +87,7 @@ class StateError(TransientError):
 def write_atomically(directory: str, path: str, data: bytes) -> None:
     """Temp file, every byte written (a short write is continued), fsync, rename, fsync of the directory."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    temp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+    temp = temporary_name(path, os.getpid())
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
@@ -105,15 +107,26 @@ def write_atomically(directory: str, path: str, data: bytes) -> None:
     _sync_directory(directory)
 
 
-def remove_stray_temporaries(directory: str) -> list[str]:
-    """Delete temp files a killed run left (the caller holds the lock, so none is being written)."""
+def temporary_name(path: str, pid: int) -> str:
+    """The temporary file `write_atomically` writes `path` through: `<path>.<pid>.tmp`."""
+    return f"{path}.{pid}{TEMP_SUFFIX}"
+
+
+def remove_stray_temporaries(directory: str, own: Iterable[str]) -> list[str]:
+    """Delete the temporary files of the files named `own` that a killed run left.
+
+    Only those: the caller holds the lock, so none of them is being written, but the watchdog writes its
+    own files through temporary files in the same directory without the lock, and another process's
+    file is never this run's to remove.
+    """
+    pattern = re.compile(f"(?:{'|'.join(re.escape(name) for name in own)})\\.[0-9]+{re.escape(TEMP_SUFFIX)}")
     removed: list[str] = []
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return removed
     for name in names:
-        if name.endswith(TEMP_SUFFIX):
+        if pattern.fullmatch(name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
                 removed.append(name)
@@ -137,8 +150,12 @@ class Marks:
     def __init__(self, directory: str) -> None:
         self.directory = directory
 
+    @staticmethod
+    def file_name(name: str) -> str:
+        return f"{name}.done"
+
     def _path(self, name: str) -> str:
-        return os.path.join(self.directory, f"{name}.done")
+        return os.path.join(self.directory, self.file_name(name))
 
     def done(self, name: str, instance_id: str) -> bool:
         try:

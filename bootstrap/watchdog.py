@@ -17,6 +17,7 @@ import http.client
 import logging
 import os
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -36,13 +37,37 @@ REPORTED_MARK = "unhealthy"
 FAILURES_FILE = "watchdog-failures"
 
 
+def _unverified_tls() -> ssl.SSLContext:
+    """TLS without certificate checks, for the probe only.
+
+    The probe asks whether this host's own service answers, over loopback (127.0.0.1): the service's
+    certificate is issued for its public name, never for 127.0.0.1, and may be self-signed or from a
+    private CA this host does not trust. Verifying it would fail every probe of a healthy service. So
+    the probe checks that TLS is spoken and the service answers; it is not a check of the certificate
+    (expiry, name, chain), and nothing secret crosses this connection.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def probe(check: HealthCheck, timeout: float = PROBE_TIMEOUT_SECONDS) -> Optional[str]:
     """None if the service answers; else why not, in a few words."""
     try:
         if check.path is None:
-            with socket.create_connection(("127.0.0.1", check.port), timeout=timeout):
+            with socket.create_connection(("127.0.0.1", check.port), timeout=timeout) as sock:
+                if check.tls:
+                    # A completed handshake is the answer.
+                    _unverified_tls().wrap_socket(sock).close()
                 return None
-        conn = http.client.HTTPConnection("127.0.0.1", check.port, timeout=timeout)
+        conn: http.client.HTTPConnection
+        if check.tls:
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", check.port, timeout=timeout, context=_unverified_tls()
+            )
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", check.port, timeout=timeout)
         try:
             conn.request("GET", check.path, headers={"User-Agent": "eip-reclaim-watchdog"})
             status = conn.getresponse().status
@@ -94,7 +119,8 @@ class Watch:
             )
             return EXIT_OK
         failure = self.probe(check)
-        target = f"127.0.0.1:{check.port}{check.path or ''}"
+        scheme = "https://" if check.tls and check.path else ("tls " if check.tls else "")
+        target = f"{scheme}127.0.0.1:{check.port}{check.path or ''}"
         if failure is None:
             if self._failures():
                 LOG.info("watchdog: %s answers again", target)

@@ -19,7 +19,8 @@ from typing import Callable, Protocol
 
 from bootstrap.errors import TransientError
 from bootstrap.imds import Identity, Imds
-from bootstrap.routes import DetourBypassed, Netlink
+from bootstrap.netlink import Netlink
+from bootstrap.routes import DetourBypassed
 from bootstrap.state import Journal
 
 LOG = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def check_journal(journal: Journal) -> None:
 
             PolicyJournal.from_json(document["policy"])
         else:
-            from bootstrap.routes import DetourPlan  # noqa: PLC0415
+            from bootstrap.route_model import DetourPlan  # noqa: PLC0415
 
             DetourPlan.from_json(document["plan"])
     except (KeyError, TypeError, ValueError) as err:

@@ -15,7 +15,8 @@ from bootstrap import routes
 from bootstrap.egress import Context, check_settled, forget
 from bootstrap.errors import IdentityMismatch
 from bootstrap.imds import Imds, ImdsError
-from bootstrap.routes import DetourPlan, Netlink
+from bootstrap.netlink import Netlink
+from bootstrap.route_model import DetourPlan, RouteError
 from bootstrap.state import Journal
 
 LOG = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class MainTable:
         journal = self.context.journal
         try:
             routes.restore(self.context.netlink, self.plan)
-        except routes.RouteError as err:
+        except RouteError as err:
             LOG.error("restore: %s; journal kept at %s for the next run", err, journal.path)
             raise
         forget(journal)

@@ -1,12 +1,15 @@
 """Egress `policy-route` (the default): only the payload's own API connections take the NAT.
 
 What it changes on the host: one rule, `fwmark 0xe1b0 lookup 57776` at priority 100, and one route in
-that private table, `default via <NAT> dev <primary> src <primary address>`. The main table is never
-written, so nothing else on the host is detoured, IMDS, DNS and time never leave the VPC path (no pins),
-and a DHCP client rewriting the main table cannot undo the detour. The payload marks the sockets of its
-API clients (SO_MARK; the payload holds CAP_NET_ADMIN). Priority 100 is ahead of any source rule
-(amazon-ec2-net-utils installs its per-interface rules from 10000, operators' own usually sit higher
-still), so a source rule cannot take the marked connection elsewhere; the kernel is asked anyway.
+that private table, `default via <NAT> dev <primary> proto 225 src <primary address>`. The protocol
+(route_model.RTPROT_EIP_RECLAIM) is what makes a route of that table the payload's: it removes only
+those, and leaves any other route in the table (an operator's, another tool's) alone. The main table
+is never written, so nothing else on the host is detoured, IMDS, DNS and time never leave the VPC path
+(no pins), and a DHCP client rewriting the main table cannot undo the detour. The payload marks the
+sockets of its API clients (SO_MARK; the payload holds CAP_NET_ADMIN). Priority 100 is ahead of any
+source rule (amazon-ec2-net-utils installs its per-interface rules from 10000, operators' own usually
+sit higher still), so a source rule cannot take the marked connection elsewhere; the kernel is asked
+anyway.
 
 Both are journaled before they exist. After a SIGKILL they stay, but match nothing (no socket carries
 the mark once the payload is gone), and the next run removes them.
@@ -18,12 +21,13 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from bootstrap import routes
 from bootstrap.egress import Context, check_settled, forget
 from bootstrap.errors import ConfigError, TransientError
-from bootstrap.routes import Netlink, Route, RouteError, Rule
+from bootstrap.netlink import Netlink
+from bootstrap.route_model import DEFAULT, RTPROT_EIP_RECLAIM, Route, RouteError, Rule
 from bootstrap.state import Journal
 
 LOG = logging.getLogger(__name__)
@@ -75,15 +79,37 @@ def _is_ours(rule: Rule, journaled: Rule) -> bool:
     return (rule.priority, rule.table, rule.fwmark) == (journaled.priority, journaled.table, journaled.fwmark)
 
 
+def _ours(route: Route, state: PolicyJournal) -> bool:
+    """A route of the private table that this payload added: its protocol, or exactly as journaled."""
+    return route.proto == RTPROT_EIP_RECLAIM or route == state.route
+
+
+def _our_routes(netlink: Netlink, state: PolicyJournal) -> list[Route]:
+    return [r for r in netlink.routes(state.rule.table) if _ours(r, state)]
+
+
 def _remove(netlink: Netlink, state: PolicyJournal) -> list[str]:
-    """Delete the rule (every copy) and every route of the private table; return what is still there."""
+    """Delete the rule (every copy) and the payload's routes of the private table (never another's);
+    return what of them is still there."""
     for rule in netlink.rules():
         if _is_ours(rule, state.rule):
             netlink.delete_rule(rule)
-    for route in netlink.routes(state.rule.table):
+    for route in _our_routes(netlink, state):
         netlink.delete(route)
     left = [r.describe() for r in netlink.rules() if _is_ours(r, state.rule)]
-    return left + [r.describe() for r in netlink.routes(state.rule.table)]
+    return left + [r.describe() for r in _our_routes(netlink, state)]
+
+
+def _in_our_place(netlink: Netlink, state: PolicyJournal) -> Optional[Route]:
+    """A route of another's with the key of ours (dst, metric): a replace would overwrite it."""
+    return next(
+        (
+            r
+            for r in netlink.routes(state.rule.table)
+            if (r.dst, r.priority) == (state.route.dst, state.route.priority) and not _ours(r, state)
+        ),
+        None,
+    )
 
 
 class PolicyRoute:
@@ -114,20 +140,33 @@ class PolicyRoute:
             ifindex=ifindex,
             nat=context.nat,
             rule=Rule(priority=RULE_PRIORITY, table=TABLE, fwmark=MARK),
-            route=Route(dst=routes.DEFAULT, gateway=context.nat, oif=ifindex, prefsrc=primary, table=TABLE),
+            route=Route(
+                dst=DEFAULT,
+                gateway=context.nat,
+                oif=ifindex,
+                prefsrc=primary,
+                table=TABLE,
+                proto=RTPROT_EIP_RECLAIM,
+            ),
         )
 
     def prepare(self) -> None:
         netlink, journal, state = self.context.netlink, self.context.journal, self.state
-        # A rule or routes of ours with no journal (the journal was removed, /run lost): never someone
-        # else's (this table and mark are this payload's), and they would be journaled as nothing.
-        left = [r for r in netlink.rules() if _is_ours(r, state.rule)] + netlink.routes(TABLE)
+        # A rule or routes of ours with no journal (the journal was removed, /run lost): they would be
+        # journaled as nothing. Only routes with this payload's protocol are its own.
+        left = [r for r in netlink.rules() if _is_ours(r, state.rule)] + _our_routes(netlink, state)
         if left:
             LOG.warning(
                 "routes: %s left by an earlier run with no journal; removing it first",
                 "; ".join(x.describe() for x in left),
             )
             _remove(netlink, state)
+        foreign = _in_our_place(netlink, state)
+        if foreign is not None:
+            raise RouteError(
+                f"routes: table {TABLE} holds {foreign.describe()}, which is not this payload's "
+                f"(protocol {RTPROT_EIP_RECLAIM}); no change made"
+            )
         journal.write({"policy": state.to_json()})
         LOG.info("journal: rule %d and table %d recorded in %s", RULE_PRIORITY, TABLE, journal.path)
         netlink.replace(state.route)
@@ -162,8 +201,15 @@ class PolicyRoute:
             netlink.add_rule(state.rule)
             changed.append(state.rule.describe())
         if state.route not in netlink.routes(TABLE):
-            netlink.replace(state.route)
-            changed.append(state.route.describe())
+            foreign = _in_our_place(netlink, state)
+            if foreign is not None:
+                # Never overwritten; the path check judges where the connection now goes.
+                LOG.warning(
+                    "routes: %s took the place of %s; left alone", foreign.describe(), state.route.describe()
+                )
+            else:
+                netlink.replace(state.route)
+                changed.append(state.route.describe())
         if changed:
             LOG.warning("routes: %s had gone; put back", "; ".join(changed))
         return bool(changed)

@@ -1,6 +1,6 @@
 """The netlink contract: the same cases against the unit tests' FakeNetlink and against the kernel.
 
-Every netlink operation the payload performs (bootstrap/routes.py's adapter: link_index, addresses,
+Every netlink operation the payload performs (bootstrap/netlink.py's adapter: link_index, addresses,
 routes, add, append, replace, delete, route_get, rules, add_rule, delete_rule), refusals included, is
 asked of both backends; each case's transcript is written here as the kernel answers it, and the fake
 must give the same. The kernel backend is the payload's own adapter (`PyRoute2Netlink`) in a namespace
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bootstrap.routes import MAIN_TABLE, Route, RouteError, Rule
+from bootstrap.route_model import MAIN_TABLE, Route, RouteError, Rule
 from tests import netns
 from tests.unit.test_bootstrap_fakes import FakeNetlink
 
@@ -46,7 +46,7 @@ def _fake() -> Iterator[Backend]:
 def _kernel() -> Iterator[Backend]:
     from pyroute2 import NetNS
 
-    from bootstrap.routes import PyRoute2Netlink
+    from bootstrap.netlink import PyRoute2Netlink
 
     with netns.netns("contract") as ns:
         for link, peer in (("uplink7", "peer7"), ("wg0", "wg0-peer")):

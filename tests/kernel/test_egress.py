@@ -141,6 +141,35 @@ def test_policy_route_sigterm_at_random_moments_and_sigkill_then_a_rerun(w: Worl
     assert _state(w) == before
 
 
+@both_payloads
+def test_policy_route_removes_only_its_own_routes_from_its_table(w: World) -> None:
+    """Another's route in table 57776 survives a run, and a SIGKILL then the rerun that recovers: only
+    routes with the payload's protocol (225) are its own."""
+    w.inst.ip("route", "add", "10.99.0.0/16", "via", lab.ROUTER, "dev", lab.IFNAME, "table", TABLE)
+    before = _state(w)
+    code, _, err = w.run_payload(_policy(w))
+    assert code == 0, err
+    assert _state(w) == before, err
+    w.seed("associate", w.ids["allocation_id"], w.ids["other"])
+    w.pause_api()
+    proc = w.start_payload(_policy(w))
+    try:
+        give_up = time.monotonic() + 15
+        while not any(r.get("table") == TABLE for r in _rules(w)):
+            assert time.monotonic() < give_up, "the policy rule never appeared"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        w.resume_api()
+    protocols = {r["dst"]: str(r.get("protocol")) for r in w.routes(TABLE)}
+    assert protocols == {"10.99.0.0/16": "boot", "default": "225"}, protocols
+    code, _, err = w.run_payload(_policy(w))
+    assert code == 0, err
+    assert "recover: a previous run left rule 100 and table 57776" in err
+    assert _state(w) == before, err
+
+
 def test_policy_route_while_networkd_churns_the_main_table(w: World) -> None:
     """A lease renewal rewrites the main table's routes during the claim: the detour does not care."""
     before = _state(w)

@@ -168,7 +168,7 @@ PATH_SCRIPT = r"""
 import json
 from dataclasses import asdict
 from bootstrap import reclaim
-from bootstrap.routes import Route, Rule
+from bootstrap.route_model import Route, Rule
 from tests.unit.test_bootstrap_fakes import FakeNetlink
 
 QUESTIONS = [("203.0.113.10", None, None), ("203.0.113.10", "10.0.0.10", None),

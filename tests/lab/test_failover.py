@@ -23,7 +23,10 @@ from tests.lab import vpc
 pytestmark = pytest.mark.root
 
 NAT_UPLINKS = [vpc.nat_uplink_ip(0), vpc.nat_uplink_ip(1)]
+TEMPLATE_ID_TAG = "aws:ec2launchtemplate:id"
 TEMPLATE_VERSION_TAG = "aws:ec2launchtemplate:version"
+# The group's one launch template: versions compare only within it.
+TEMPLATE_ID = "lt-0123456789abcdef0"
 
 
 def lifecycle_results(lab: vpc.Lab, instance: vpc.Instance) -> list[tuple[object, object, object]]:
@@ -53,12 +56,13 @@ def heal(lab: vpc.Lab, instance: vpc.Instance) -> vpc.PayloadRun:
 
 
 def tag_version(lab: vpc.Lab, instance: vpc.Instance, version: int) -> None:
-    """EC2's reserved tag: the launch template version the instance was launched from."""
-    lab.in_internet(
-        lambda: lab.ec2().create_tags(
-            Resources=[instance.instance_id], Tags=[{"Key": TEMPLATE_VERSION_TAG, "Value": str(version)}]
-        )
-    )
+    """EC2's reserved tags: the launch template and its version the instance was launched from
+    (aws-facts: payload-launch-template-tags)."""
+    tags = [
+        {"Key": TEMPLATE_ID_TAG, "Value": TEMPLATE_ID},
+        {"Key": TEMPLATE_VERSION_TAG, "Value": str(version)},
+    ]
+    lab.in_internet(lambda: lab.ec2().create_tags(Resources=[instance.instance_id], Tags=tags))
 
 
 def warm_up(lab: vpc.Lab, instance: vpc.Instance, state: str = "Warmed:Stopped") -> vpc.PayloadRun:

@@ -13,7 +13,7 @@ import pytest
 
 from bootstrap.egress import policy_route
 from bootstrap.egress.policy_route import MARK, RULE_PRIORITY, SO_MARK, TABLE
-from bootstrap.routes import Route, Rule
+from bootstrap.route_model import RTPROT_EIP_RECLAIM, Route, Rule
 from tests.unit.test_bootstrap_fakes import AL2023_TABLE, IFINDEX, SELF, Rig
 
 MARKED = (socket.SOL_SOCKET, SO_MARK, MARK)
@@ -41,7 +41,14 @@ def test_policy_route_claims_without_ever_writing_the_main_table(rig: Rig) -> No
         assert main == AL2023_TABLE
         assert any(r.priority == RULE_PRIORITY and r.fwmark == MARK and r.table == TABLE for r in rules)
         assert private == [
-            Route(dst="0.0.0.0/0", gateway="10.0.0.4", oif=IFINDEX, prefsrc="10.0.0.10", table=TABLE)
+            Route(
+                dst="0.0.0.0/0",
+                gateway="10.0.0.4",
+                oif=IFINDEX,
+                prefsrc="10.0.0.10",
+                table=TABLE,
+                proto=RTPROT_EIP_RECLAIM,
+            )
         ]
     # Afterwards: the rule and the table are gone, and so is the journal.
     assert rig.netlink.routes(TABLE) == []
@@ -92,10 +99,56 @@ def test_a_rule_and_table_left_without_a_journal_are_removed_first(
     rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rig.netlink.add_rule(Rule(priority=RULE_PRIORITY, table=TABLE, fwmark=MARK))
-    rig.netlink.table.append(Route(dst="0.0.0.0/0", gateway="10.0.0.99", oif=IFINDEX, table=TABLE))
+    left = Route(dst="0.0.0.0/0", gateway="10.0.0.99", oif=IFINDEX, table=TABLE, proto=RTPROT_EIP_RECLAIM)
+    rig.netlink.table.append(left)
     assert rig.main(config=_policy(rig)) == 0
     assert "left by an earlier run with no journal; removing it first" in capsys.readouterr().err
     assert rig.netlink.routes(TABLE) == []
+
+
+# Another's route in the private table: kept. Before the payload marked its routes with a protocol of its
+# own, every route of table 57776 was taken for one of its own and deleted.
+FOREIGN = Route(dst="10.99.0.0/16", gateway="10.0.0.1", oif=IFINDEX, table=TABLE, proto=4)
+
+
+def test_another_route_in_the_private_table_survives_a_run(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.netlink.table.append(FOREIGN)
+    assert rig.main(config=_policy(rig)) == 0
+    assert rig.netlink.routes(TABLE) == [FOREIGN]
+    assert "no journal" not in capsys.readouterr().err
+    assert ("delete", FOREIGN) not in rig.netlink.calls
+
+
+def test_another_route_in_the_private_table_survives_the_recovery_of_a_killed_run(rig: Rig) -> None:
+    # What a run killed mid-claim leaves: its journal, its rule and its route, beside another's route.
+    rule = Rule(priority=RULE_PRIORITY, table=TABLE, fwmark=MARK)
+    ours = Route(
+        dst="0.0.0.0/0",
+        gateway="10.0.0.4",
+        oif=IFINDEX,
+        prefsrc="10.0.0.10",
+        table=TABLE,
+        proto=RTPROT_EIP_RECLAIM,
+    )
+    state = policy_route.PolicyJournal(ifindex=IFINDEX, nat="10.0.0.4", rule=rule, route=ours)
+    rig.journal.write({"policy": state.to_json()})
+    rig.netlink.add_rule(rule)
+    rig.netlink.table += [FOREIGN, ours]
+    assert rig.main(config=_policy(rig)) == 0
+    assert rig.netlink.routes(TABLE) == [FOREIGN]
+
+
+def test_another_default_route_in_the_private_table_is_never_overwritten(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    theirs = Route(dst="0.0.0.0/0", gateway="10.0.0.1", oif=IFINDEX, table=TABLE, proto=4)
+    rig.netlink.table.append(theirs)
+    assert rig.main(config=_policy(rig)) == 75
+    assert rig.netlink.routes(TABLE) == [theirs]
+    assert f"routes: table {TABLE} holds 0.0.0.0/0 via 10.0.0.1" in capsys.readouterr().err
+    assert rig.ec2.calls == []
 
 
 def test_a_rule_removed_during_the_claim_is_put_back_before_the_next_call(

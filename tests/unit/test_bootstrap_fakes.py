@@ -28,9 +28,10 @@ from typing import Any, Callable
 import pytest
 from botocore.exceptions import ClientError
 
-from bootstrap import reclaim, routes
+from bootstrap import reclaim, route_model
 from bootstrap.imds import Credentials, Identity, ImdsError
-from bootstrap.routes import PathLookup, Route, RouteError, Rule
+from bootstrap.netlink import RTNH_F_ONLINK
+from bootstrap.route_model import PathLookup, Route, RouteError, Rule
 from bootstrap.state import Journal
 
 SELF = "i-0123456789abcdef0"
@@ -212,7 +213,7 @@ class FakeNetlink:
                 continue
             if rule.action in _RULE_ACTION_ERRORS:
                 raise _failure(f"get {dst}", _RULE_ACTION_ERRORS[rule.action])
-            if rule.action != routes.FR_ACT_TO_TBL:
+            if rule.action != route_model.FR_ACT_TO_TBL:
                 continue
             found = self._lookup(rule.table, dst)
             if found is None or found.type == RTN_THROW:
@@ -242,13 +243,13 @@ class FakeNetlink:
     def _check_gateway(self, command: str, route: Route) -> None:
         """The kernel refuses a gateway it cannot reach on a link (fib_check_nh): a link- or host-scope
         route to it, in the route's table or else in main, on the route's interface if it names one."""
-        if route.gateway is None or route.flags & routes.RTNH_F_ONLINK:
+        if route.gateway is None or route.flags & RTNH_F_ONLINK:
             return
         address = ipaddress.IPv4Address(route.gateway)
-        for table in dict.fromkeys((route.table, routes.MAIN_TABLE)):
+        for table in dict.fromkeys((route.table, route_model.MAIN_TABLE)):
             for r in self.routes(table):
                 if (
-                    r.type == routes.RTN_UNICAST
+                    r.type == route_model.RTN_UNICAST
                     and r.scope >= RT_SCOPE_LINK
                     and address in ipaddress.IPv4Network(r.dst)
                     and (route.oif is None or r.oif == route.oif)
@@ -330,7 +331,7 @@ class FakeNetlink:
         return _TABLES.get(name) or int(name)
 
     def _seed_route(self, words: list[str]) -> None:
-        kind = routes.RTN_UNICAST
+        kind = route_model.RTN_UNICAST
         if words[0] in (*_ROUTE_TYPES, "throw"):
             kind = RTN_THROW if words[0] == "throw" else _ROUTE_TYPES[words[0]]
             words = words[1:]
@@ -338,7 +339,7 @@ class FakeNetlink:
         options = dict(zip(words[1::2], words[2::2]))
         oif = self.link_names[options["dev"]] if "dev" in options else None
         gateway = options.get("via")
-        scope = RT_SCOPE_LINK if gateway is None and kind == routes.RTN_UNICAST else 0
+        scope = RT_SCOPE_LINK if gateway is None and kind == route_model.RTN_UNICAST else 0
         route = Route(
             dst=dst,
             gateway=gateway,
@@ -357,9 +358,9 @@ class FakeNetlink:
     def _seed_rule(self, words: list[str]) -> None:
         invert = words[:1] == ["not"]
         words = words[1:] if invert else words
-        action, table = routes.FR_ACT_TO_TBL, routes.MAIN_TABLE
+        action, table = route_model.FR_ACT_TO_TBL, route_model.MAIN_TABLE
         src = fwmark = None
-        fwmask = routes.ALL_BITS
+        fwmask = route_model.ALL_BITS
         other: list[str] = []
         extra: dict[str, object] = {}
         priority = None
@@ -376,7 +377,7 @@ class FakeNetlink:
                 other.insert(0, f"to {extra['dst']}")
             elif word == "fwmark":
                 mark, _, mask = value.partition("/")
-                fwmark, fwmask = int(mark, 0), int(mask, 0) if mask else routes.ALL_BITS
+                fwmark, fwmask = int(mark, 0), int(mask, 0) if mask else route_model.ALL_BITS
             elif word == "iif":
                 extra["iif"] = value
                 other.append(f"iif {value}")

@@ -4,19 +4,22 @@ verify window, equal launch times, the state directory) and its reports to Cloud
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 
-from bootstrap import resolve, state
+from bootstrap import interrupts, resolve, state
 from bootstrap.claim import AUTH_GRACE_AFTER_BOOT_SECONDS
 from bootstrap.config import parse_config
 from bootstrap.errors import Terminated
@@ -75,6 +78,67 @@ def test_a_stop_inside_a_call_that_wraps_exceptions_is_not_swallowed(
     assert rig.ec2.calls == ["DescribeAddresses"]
     assert rig.netlink.table == AL2023_TABLE
     assert rig.autoscaling.completed == []  # a stop or the deadline of a young run: no ABANDON
+
+
+def _in_a_region(frame: FrameType) -> bool:
+    """Code that makes up an interruptible region: its entry and exit in interrupts.py (not the handlers
+    or their set-up), and contextlib's entry and exit where a region is a generator-based manager."""
+    code = frame.f_code
+    if code.co_filename == interrupts.__file__:
+        return code.co_name not in ("_raise", "_on_signal", "_on_alarm", "install", "uninstall", "disarm")
+    if code.co_filename == contextlib.__file__ and code.co_name in ("__enter__", "__exit__"):
+        generator = getattr(frame.f_locals.get("self"), "gen", None)
+        return getattr(getattr(generator, "gi_code", None), "co_filename", None) == interrupts.__file__
+    return False
+
+
+def _run_with_a_stop_at(rig: Rig, target: int | None) -> tuple[int, int]:
+    """Run the payload and deliver SIGTERM (the installed handler, with the frame it lands in) at the
+    `target`-th line executed in a region's own code; (exit code, lines seen)."""
+    seen = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal seen
+        if event == "line":
+            if seen == target:
+                handler = signal.getsignal(signal.SIGTERM)
+                assert callable(handler)
+                handler(signal.SIGTERM, frame)
+            seen += 1
+        return local
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if event == "call" and _in_a_region(frame) else None
+
+    sys.settrace(calls)
+    try:
+        code = rig.main()
+    finally:
+        sys.settrace(None)
+    return code, seen
+
+
+def test_a_stop_at_any_line_of_a_region_ends_the_run_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signal between the blocking call's return and the region's exit (or on its way in) is a stop
+    like any other: exit 75 or the run completes, the routes restored, never an exception out of main."""
+    (tmp_path / "count").mkdir()
+    _, lines = _run_with_a_stop_at(Rig(tmp_path / "count"), None)
+    assert lines > 20  # IMDS, the name lookup, the API calls, CONTINUE: every region's entry and exit
+    outcomes = set()
+    for target in range(lines):
+        (tmp_path / str(target)).mkdir()
+        rig = Rig(tmp_path / str(target))
+        code, _ = _run_with_a_stop_at(rig, target)  # before the fix: Interrupt escaped main (exit 1)
+        err = capsys.readouterr().err
+        assert code in (0, 75), err
+        assert code == 0 or "signal SIGTERM received" in err, err
+        assert rig.netlink.table == AL2023_TABLE, err
+        assert not rig.journal.exists()
+        assert rig.autoscaling.completed == [] or code == 0  # a stop never abandons
+        outcomes.add(code)
+    assert 75 in outcomes
 
 
 def test_a_name_lookup_that_hangs_is_cut_short_by_a_stop() -> None:
@@ -194,7 +258,7 @@ def test_a_transient_failure_abandons_only_when_no_restart_fits(
 
 
 def test_a_permanent_error_abandons_at_once_with_the_failure_signal_and_metric(rig: Rig) -> None:
-    # aws-facts: facts-error-allocation-not-found
+    # aws-facts: facts-error-allocation-not-found, payload-signal-resource-failure
     rig.ec2.errors["DescribeAddresses"] = [client_error("InvalidAllocationID.NotFound")]
     assert rig.main(config=rig.config(signal=SIGNAL, metrics=METRICS)) == 3
     assert _results(rig) == ["ABANDON"]
@@ -204,9 +268,10 @@ def test_a_permanent_error_abandons_at_once_with_the_failure_signal_and_metric(r
 
 def test_no_abandon_after_a_verified_association(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     from bootstrap import routes
+    from bootstrap.route_model import RouteError
 
     def broken_restore(netlink: Any, plan: Any) -> None:
-        raise routes.RouteError("routes: not restored as journaled: test")
+        raise RouteError("routes: not restored as journaled: test")
 
     monkeypatch.setattr(routes, "restore", broken_restore)
     rig.clock.boot = rig.clock.now - 600  # a window already spent would abandon a transient failure
@@ -323,10 +388,36 @@ def test_a_short_write_is_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_stray_temporary_files_are_removed(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     directory = Path(rig.journal.directory)
     directory.mkdir(parents=True)
-    (directory / "routes.json.4242.tmp").write_text("{")
+    ours = ["routes.json.4242.tmp", "claimed.done.4243.tmp", "lifecycle.done.17.tmp", "signal.done.9.tmp"]
+    for name in ours:
+        (directory / name).write_text("{")
     assert rig.main() == 0
-    assert not (directory / "routes.json.4242.tmp").exists()
-    assert "removed routes.json.4242.tmp" in capsys.readouterr().err
+    assert not any((directory / name).exists() for name in ours)
+    err = capsys.readouterr().err
+    assert all(f"removed {name}" in err for name in ours)
+
+
+def test_only_the_payloads_own_temporary_files_are_removed(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The watchdog writes its count and its mark through temporary files in the same directory, without
+    the lock: one that is being written while the payload runs is not the payload's to remove."""
+    from bootstrap import watchdog
+
+    directory = Path(rig.journal.directory)
+    directory.mkdir(parents=True)
+    others = [
+        f"{watchdog.FAILURES_FILE}.4244.tmp",
+        f"{watchdog.REPORTED_MARK}.done.4245.tmp",
+        "notes.tmp",
+        "routes.json.tmp",  # not a name the payload writes (no process id)
+        "routes.json.42x.tmp",
+    ]
+    for name in others:
+        (directory / name).write_text("2")
+    assert rig.main() == 0
+    assert all((directory / name).exists() for name in others)  # before the fix: every *.tmp removed
+    assert "state: removed" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["ENOSPC", "EROFS"])
@@ -357,7 +448,7 @@ def test_a_failed_journal_delete_after_success_costs_nothing(
     assert "journal: cannot remove" in capsys.readouterr().err
 
 
-# Issue 9's payload side: the stack's signal and the CloudWatch metrics.
+# The stack's signal and the CloudWatch metrics.
 
 
 def test_success_signals_the_stack_and_publishes_the_heal(rig: Rig) -> None:
@@ -374,6 +465,34 @@ def test_success_signals_the_stack_and_publishes_the_heal(rig: Rig) -> None:
     assert rig.cloudwatch.calls[0]["Namespace"] == "EipReclaim"
     assert [d["MetricName"] for d in data] == ["Healed", "HealSeconds"]
     assert all(d["Dimensions"] == [{"Name": "Service", "Value": "web"}] for d in data)
+
+
+def test_heal_seconds_end_at_the_verify(rig: Rig) -> None:
+    """HealSeconds is payload start -> the association verified, not counting CONTINUE, the signal and
+    the restore that follow it (aws-facts: payload-describe-addresses-verify)."""
+
+    def api_second(op: str) -> None:
+        rig.clock.now += 1.0  # each EC2 call takes a second: the verify's DescribeAddresses ends at 4 s
+
+    def slow_report(result: str) -> None:
+        rig.clock.now += 10.0
+
+    def slow_restore(command: str, route: Any) -> None:
+        if "AssociateAddress" in rig.ec2.calls:
+            rig.clock.now += 0.5  # each route change of the restore
+
+    rig.ec2.before_call = api_second
+    rig.autoscaling.before_call = slow_report
+    rig.netlink.on_change = slow_restore
+    assert rig.main(config=rig.config(signal=SIGNAL, metrics=METRICS)) == 0
+    assert rig.ec2.calls == [
+        "DescribeAddresses",
+        "DescribeInstances",
+        "AssociateAddress",
+        "DescribeAddresses",
+    ]
+    published = {d["MetricName"]: d["Value"] for d in rig.cloudwatch.calls[0]["MetricData"]}
+    assert published["HealSeconds"] == 4.0  # before the fix: 4 s + CONTINUE's 10 s + the restore's
 
 
 def test_a_stack_that_cannot_be_signaled_is_done(rig: Rig) -> None:

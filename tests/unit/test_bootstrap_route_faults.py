@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from bootstrap.routes import Route, Rule
+from bootstrap.route_model import Route, Rule
 from tests.unit.test_bootstrap_fakes import AL2023_TABLE, EIP, IFINDEX, SELF, FakeEc2, Rig, client_error
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from bootstrap import routes
-from bootstrap.routes import DetourPlan, Route, RouteError, Rule
+from bootstrap.route_model import DetourPlan, Route, RouteError, Rule
 from tests.unit.test_bootstrap_fakes import AL2023_TABLE, DHCP_DEFAULT, MAC, FakeNetlink, route_failure
 
 NAT = "10.0.0.4"

@@ -20,7 +20,7 @@ from botocore.exceptions import (
 
 from bootstrap.errors import ReclaimError
 from bootstrap.imds import ImdsError
-from bootstrap.routes import DetourPlan, Route
+from bootstrap.route_model import DetourPlan, Route
 from bootstrap.state import Lock
 from tests.unit.test_bootstrap_fakes import (
     AL2023_TABLE,
