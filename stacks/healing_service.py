@@ -298,8 +298,8 @@ class HealingGroup(Construct):
                 reuse_on_scale_in=False,
             )
         hold_launches(self.group, name=LIFECYCLE_HOOK_NAME, timeout_seconds=int(HOOK_HEARTBEAT.to_seconds()))
-        # The payload's configuration file (DESIGN.md); subnet ids, the address and the stack name stay
-        # CloudFormation expressions until deploy.
+        # The payload's configuration file (docs/payload.md, "Configuration"); subnet ids, the address and
+        # the stack name stay CloudFormation expressions until deploy.
         self.payload_config = payload_config(
             allocation_id=address.allocation_id,
             egress=network.payload_egress,

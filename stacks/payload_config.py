@@ -1,4 +1,4 @@
-"""The payload's configuration file (DESIGN.md, "Configuration file"), built from the stacks' constructs."""
+"""The payload's configuration file (docs/payload.md, "Configuration"), built from the stacks' constructs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Route-level faults of the payload (issue 8) against the real kernel: every table exactly as it was."""
+"""Route-level faults of the payload against the real kernel: every table exactly as it was."""
 
 from __future__ import annotations
 

@@ -261,7 +261,7 @@ def test_a_reboot_with_the_interface_attached_keeps_the_nat(
     """Every boot after the first finds the stable interface attached: EC2 then refuses the instance-wide
     source/dest check call, so the script sets it on the primary interface by id (or not at all when it
     is already off), attaches nothing, and reports ready. aws-facts: nat-multiple-interfaces-refused,
-    nat-imds-primary-interface-id"""
+    nat-imds-primary-interface-id, nat-source-dest-check-by-interface"""
     done = boot(holder="self", source_dest_check=source_dest_check)
     assert done.returncode == 0, done.output
     assert "setup failed" not in done.output
@@ -280,7 +280,10 @@ def test_a_reboot_with_the_interface_attached_keeps_the_nat(
 
 
 def test_the_stand_in_refuses_the_instance_wide_call_as_ec2_does(boot: Callable[..., Boot]) -> None:
-    """The rule the reboot test relies on, through the real CLI. aws-facts: nat-multiple-interfaces-refused"""
+    """The rule the reboot test relies on, through the real CLI.
+
+    aws-facts: nat-multiple-interfaces-refused, stand-in-awscli-moto
+    """
     done = boot(holder="self")
     refused = done.aws(
         "ec2", "modify-instance-attribute", "--instance-id", done.ids["instance"], "--no-source-dest-check"
@@ -320,7 +323,7 @@ def test_a_nat_whose_setup_fails_marks_itself_unhealthy_and_abandons(boot: Calla
 )
 def test_a_misspelt_flag_or_query_fails_the_boot(boot: Callable[..., Boot], good: str, bad: str) -> None:
     """The CLI itself refuses what a stand-in that answers everything accepted: an unknown flag, a
-    malformed query. The NAT then never reports ready."""
+    malformed query. The NAT then never reports ready. aws-facts: stand-in-awscli-moto"""
     assert good in nat_boot_script()
     done = boot(edit=lambda text: text.replace(good, bad))
     assert done.verdicts() != ["CONTINUE", "SUCCESS"], done.output

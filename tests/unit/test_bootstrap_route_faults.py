@@ -1,4 +1,4 @@
-"""Route-level faults of one run (issue 8), through `main()` with the kernel-like fakes."""
+"""Route-level faults of one run, through `main()` with the kernel-like fakes."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from stacks.bundle import BundleError, BundleInfo, build_bundle
 from tests.unit.test_bootstrap_fakes import FakeClock
 
 REPO = Path(__file__).resolve().parents[2]
-# The issue's budget for the zipped bundle (issue 11: "a leaner start").
+# The budget for the zipped bundle set when the payload's start was made leaner (docs/payload.md, "Speed").
 MAX_ZIPPED_BYTES = 1 << 20
 
 
@@ -277,7 +277,7 @@ def test_manifest_names_the_bundled_versions(unpacked: Path, built: BundleInfo) 
 
 
 def test_size_within_budget(built: BundleInfo) -> None:
-    # The issue's budget: the untrimmed dependencies are about 20 MB zipped, 2.4 MB with whole models.
+    # The budget: the untrimmed dependencies are about 20 MB zipped, 2.4 MB with whole models.
     assert built.size <= MAX_ZIPPED_BYTES, f"{built.size} bytes > {MAX_ZIPPED_BYTES}"
     assert built.sha256 == hashlib.sha256(built.path.read_bytes()).hexdigest()
 

@@ -87,7 +87,7 @@ def test_the_handover_is_terminate_first_unless_chosen() -> None:
 
 
 def test_launch_first_allows_a_second_instance_for_a_deploy() -> None:
-    """aws-facts: group-rolling-min-in-service
+    """aws-facts: group-rolling-min-in-service, group-rolling-signals
 
     MaxSize 2 and MinInstancesInService 1: CloudFormation launches the new instance beside the old one,
     waits for its SUCCESS, then terminates the old one; the desired capacity stays 1.
@@ -266,7 +266,7 @@ def test_spot_takes_its_types_in_order() -> None:
 def test_bad_handover_and_spot_values_are_one_line_naming_the_key(
     changes: dict[str, Any], key: str, message: str
 ) -> None:
-    """aws-facts: group-warm-pool-no-spot"""
+    """aws-facts: group-warm-pool-no-spot, group-spot-allocation (one architecture)"""
     with pytest.raises(ConfigError) as caught:
         parse(service(**changes))
     assert caught.value.key == key and message in caught.value.problem, str(caught.value)

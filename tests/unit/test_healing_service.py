@@ -402,7 +402,8 @@ def nat_ip_by_subnet(network: dict[str, Any]) -> dict[str, str]:
 def test_user_data_carries_the_payload_config_with_the_generated_subnet_nat_map(
     app: Synthesized, template: Template
 ) -> None:
-    # The contract in DESIGN.md; the map comes from the network's own NAT instances, never typed by hand.
+    # The contract in docs/payload.md ("Configuration", `nat_by_subnet`); the map comes from the network's
+    # own NAT instances, never typed by hand.
     # The strategy is written even though it is the payload's default: the file says how it gets out.
     network = app.template_json(app.network)
     config = payload_config_of(template, network)

@@ -20,7 +20,7 @@ WATCHDOG = "eip-reclaim-watchdog.service"
 WATCHDOG_TIMER = "eip-reclaim-watchdog.timer"
 # Directives that differ on purpose between the boot run and the timer's re-check.
 RESTART_KEYS = {"Restart", "RestartSec", "RestartPreventExitStatus"}
-# issue 11: every unit of the bundle below 2.0 (network access and CAP_NET_ADMIN keep it above 1.0).
+# Every unit of the bundle below 2.0 (network access and CAP_NET_ADMIN keep it above 1.0).
 EXPOSURE_LIMIT = 2.0
 # The dynamic user both services share, and with it the runtime directory.
 SERVICE_USER = "eip-reclaim"
