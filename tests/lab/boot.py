@@ -379,7 +379,14 @@ class Machine:
             return
         boot = self.boots[-1]
         self.run("systemctl", "poweroff", "--no-block", check=False)
-        boot.proc.wait(timeout)
+        try:
+            boot.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Say what held the shutdown (a unit's stop job), not only that it took too long.
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False).stdout.strip()
+            raise RuntimeError(
+                f"{self.name}: still running {timeout:.0f} s after poweroff; systemd's jobs: {jobs or 'none'}"
+            ) from None
 
     def kill(self) -> None:
         """Pull the plug (teardown): nspawn and everything in the container die."""
