@@ -21,25 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 from typing import Any
 
+from benchmarks.heal import summary
 from tests import netns
 from tests.lab import boot, vpc
 
 VERIFIED = "ec2: verified:"
 # The payload's log prefix: milliseconds since it started (bootstrap.cli.ElapsedFormatter).
 ELAPSED = re.compile(r"^\+\s*(\d+) ms ")
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    return {
-        "median": round(statistics.median(values), 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-        "runs": [round(v, 3) for v in values],
-    }
 
 
 def held_at(machine: boot.Machine, after: float) -> tuple[float, float]:
